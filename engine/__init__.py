@@ -1,0 +1,4 @@
+"""Pure-PyTorch engine: models, layers, kernels, quantization, samplers, parallelism, loading.
+
+Knows nothing of Ray, HTTP or requests.
+"""

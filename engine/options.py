@@ -1,0 +1,74 @@
+"""Engine options: fixed at start-up, never mutated by a request."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+DType = Literal["float32", "bfloat16", "float16"]
+Quantization = Literal["none", "fp8", "int8"]
+Offload = Literal["none", "model", "block"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Degrees of the DiT worker group: world size = cfg * ulysses."""
+
+    cfg: int = 1
+    """CFG-parallel degree: 1 or 2 (conditional / unconditional branch on different ranks)."""
+    ulysses: int = 1
+    """Ulysses sequence-parallel degree (>= 1); heads must divide by it."""
+
+    def __post_init__(self) -> None:
+        if self.cfg not in (1, 2):
+            raise ValueError(f"parallel.cfg must be 1 or 2, got {self.cfg}")
+        if not isinstance(self.ulysses, int) or self.ulysses < 1:
+            raise ValueError(f"parallel.ulysses must be an integer >= 1, got {self.ulysses}")
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything about *how* a model runs. Frozen: a request never changes it."""
+
+    device: str = "cpu"
+    """Torch device string: "cpu", "cuda", "cuda:1", ..."""
+    dtype: DType = "float32"
+    """Compute dtype of the DiT and VAE ("float32" on CPU is the parity setting)."""
+    attention: str = "sdpa"
+    """Attention backend, a name in engine.attention's registry."""
+    quantization: Quantization = "none"
+    """DiT linear-layer quantization."""
+    offload: Offload = "none"
+    """CPU offload granularity of the DiT."""
+    vae_tiling: bool = False
+    """Decode the VAE in spatial tiles to bound memory."""
+    compile: bool = False
+    """torch.compile the DiT blocks."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in ("none", "fp8", "int8"):
+            raise ValueError(f"quantization must be one of none, fp8, int8; got {self.quantization!r}")
+        if self.offload not in ("none", "model", "block"):
+            raise ValueError(f"offload must be one of none, model, block; got {self.offload!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def with_(self, **changes) -> "EngineOptions":
+        """A copy with some fields changed (the original stays as it was)."""
+        return replace(self, **changes)

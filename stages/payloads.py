@@ -1,0 +1,52 @@
+"""Typed payloads that cross stage boundaries (and Ray's object store).
+
+All tensors are CPU tensors so a payload travels by reference between processes.
+One payload type per boundary; no grab-bag dicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TextEmbeds:
+    """Text encoder output for one request."""
+
+    context: torch.Tensor
+    """(L, D) prompt embeddings, zero-padded after the valid tokens to the model's text length."""
+    negative_context: torch.Tensor | None
+    """(L, D) negative-prompt embeddings; None when guidance is off."""
+
+
+@dataclass
+class ImageCond:
+    """Image-to-video conditioning for one request."""
+
+    clip_tokens: torch.Tensor | None
+    """(257, 1280) CLIP ViT-H/14 penultimate hidden states (Wan2.1 I2V); None for models without."""
+    latent_cond: torch.Tensor
+    """(C_mask + C_lat, F_lat, H_lat, W_lat): frame mask channels followed by the VAE latents of
+    the image padded with zero frames, concatenated to the noisy latents on the channel axis."""
+
+
+@dataclass
+class Latents:
+    """Denoised latents of one request, before the VAE."""
+
+    latents: torch.Tensor
+    """(C, F_lat, H_lat, W_lat), un-normalised by nothing: the DiT's latent space."""
+
+
+@dataclass
+class EncodedVideo:
+    """The finished video."""
+
+    data: bytes
+    """Container bytes (MP4, H.264, yuv420p)."""
+    num_frames: int
+    height: int
+    width: int
+    fps: int
+    mime_type: str = "video/mp4"
