@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -50,3 +51,12 @@ class EncodedVideo:
     width: int
     fps: int
     mime_type: str = "video/mp4"
+
+
+@dataclass
+class VideoFrames:
+    """Decoded frames, for callers that want pixels rather than a container (output_type="np")."""
+
+    frames: np.ndarray
+    """(F, H, W, 3) float32 in [0, 1]."""
+    fps: int

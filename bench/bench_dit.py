@@ -1,0 +1,535 @@
+"""Speed of this engine against diffusers 0.42.1 on one GPU, in one run, random weights at the
+real sizes (issue 2's ratio and issue 5's targets).
+
+Sections (pick with --sections):
+  kernels  micro-benchmarks: bf16 / FP8 / INT8 linears and SDPA / sage_int8 attention at the
+           Wan-14B 480p shapes (tile configurations swept, the fastest kept for later sections)
+  dit      per model and resolution: one DiT forward and one denoising step with CFG (batch 2)
+           for diffusers and each engine mode; TFLOP/s, peak GiB, DiT weight memory; accuracy of
+           each mode against the engine's bf16 path (one forward; latents after a 4-step sample)
+  vae      Wan VAE decode of 81 frames, diffusers AutoencoderKLWan vs engine WanVAE (same weights)
+  t5       umT5-XXL-sized encode, 2 x 512 tokens (the engine runs transformers' UMT5EncoderModel,
+           as diffusers does: one number for both)
+  profile  top CUDA kernels of one engine forward per mode listed in --profile-modes
+
+Modes: "+"-joined: a precision (bf16 | fp8 | int8) then options (sage: the sage_int8 attention
+backend; compile: torch.compile of the blocks). Example:
+  python bench/bench_dit.py --sections kernels,dit --models 14b --res 480p \
+      --modes bf16,bf16+compile,fp8,int8,fp8+sage --json $OUT/bench.json
+Needs diffusers importable (dev dependency; on the GPU machine carried as a wheel).
+Times: CUDA events after warm-up, the median of --repeats runs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.options import EngineOptions  # noqa: E402
+
+DEV = "cuda"
+GIB = 2**30
+
+MODELS = {
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30),
+    "14b": dict(num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40),
+    "tiny": dict(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+                 text_dim=4096, freq_dim=256, ffn_dim=128, num_layers=2),  # CPU smoke runs
+}
+RES = {"480p": (480, 832), "720p": (720, 1280), "tiny": (32, 48)}
+RESULTS: list[dict] = []
+
+
+def log(rec: dict) -> None:
+    RESULTS.append(rec)
+    print(json.dumps(rec), flush=True)
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median ms over `repeats` CUDA-event-timed calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    if DEV == "cpu":
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+class Peak:
+    """Peak memory of a region above what was allocated at its start."""
+
+    def __enter__(self):
+        self.extra = 0
+        if DEV == "cpu":
+            return self
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if DEV == "cpu":
+            return
+        torch.cuda.synchronize()
+        self.extra = torch.cuda.max_memory_allocated() - self.base
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+def section_kernels(args) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from engine.kernels import quant_ops, sage_attention as sa
+    from engine.quant import FP8Linear, Int8Linear
+
+    torch.manual_seed(0)
+    m = 32760
+    for k, n in [(5120, 5120), (5120, 13824), (13824, 5120)]:
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, device=DEV, dtype=torch.bfloat16)
+        flop = 2 * m * k * n
+        ref = lin(x)
+        ms = timed(lambda: lin(x), args.repeats * 3)
+        log(dict(section="kernels", op="bf16 linear", shape=[m, k, n], ms=ms, tflops=flop / ms / 1e9))
+        for kind, cls in [("fp8", FP8Linear), ("int8", Int8Linear)]:
+            ms_q = timed(lambda: quant_ops.quant_rows(x, kind), args.repeats * 3)
+            log(dict(section="kernels", op=f"{kind} per-token quant", shape=[m, k], ms=ms_q,
+                     gbps=(x.numel() * 3) / ms_q / 1e6))
+        q8 = FP8Linear.from_linear(lin)
+        ms = timed(lambda: q8(x), args.repeats * 3)
+        log(dict(section="kernels", op="fp8 linear (quant + _scaled_mm)", shape=[m, k, n], ms=ms,
+                 tflops=flop / ms / 1e9, rel_err=rel(q8(x), ref)))
+        qi = Int8Linear.from_linear(lin)
+        xq, xs = quant_ops.quant_rows(x, "int8")
+        best = None
+        for cfg in quant_ops.INT8_GEMM_CONFIGS:
+            try:
+                ms = timed(lambda: quant_ops.int8_gemm(xq, qi.weight_q, xs, qi.weight_scale, qi.bias,
+                                                       torch.bfloat16, config=cfg), args.repeats * 3)
+            except Exception as e:  # a config that does not fit shared memory, say
+                log(dict(section="kernels", op="int8 gemm", config=cfg, error=str(e)[:200]))
+                continue
+            log(dict(section="kernels", op="int8 gemm (Triton)", shape=[m, k, n], config=cfg, ms=ms,
+                     tops=flop / ms / 1e9))
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        if best is not None and (k, n) == (5120, 13824):
+            quant_ops.set_int8_gemm_config(best[1])
+        ms = timed(lambda: qi(x), args.repeats * 3)
+        log(dict(section="kernels", op="int8 linear (quant + Triton gemm)", shape=[m, k, n], ms=ms,
+                 tops=flop / ms / 1e9, rel_err=rel(qi(x), ref)))
+        try:
+            bi = qi.weight_q.t()
+            ms = timed(lambda: torch._int_mm(xq, bi), args.repeats)
+            log(dict(section="kernels", op="torch._int_mm", shape=[m, k, n], ms=ms, tops=flop / ms / 1e9))
+        except Exception as e:
+            log(dict(section="kernels", op="torch._int_mm", error=str(e)[:200]))
+        del x, lin, ref, q8, qi, xq
+        torch.cuda.empty_cache()
+
+    for heads, seq in [(40, 32760), (12, 32760)] + ([(40, 75600)] if "720p" in args.res else []):
+        q, k, v = (torch.randn(1, seq, heads, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+        k = k + 0.5 * torch.randn(1, 1, heads, 128, device=DEV, dtype=torch.bfloat16)  # a key offset
+        flop = 4 * seq * seq * 128 * heads
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)  # noqa: E731
+        ref = sdpa().transpose(1, 2)
+        ms = timed(sdpa, args.repeats)
+        log(dict(section="kernels", op="sdpa (default pick)", heads=heads, tokens=seq, ms=ms, tflops=flop / ms / 1e9))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            try:
+                ms = timed(sdpa, args.repeats)
+                log(dict(section="kernels", op="sdpa cudnn", heads=heads, tokens=seq, ms=ms, tflops=flop / ms / 1e9))
+            except Exception as e:
+                log(dict(section="kernels", op="sdpa cudnn", error=str(e)[:200]))
+        best = None
+        for cfg in sa.SAGE_CONFIGS:
+            try:
+                out = sa.sage_attention(q, k, v, config=cfg)
+                ms = timed(lambda: sa.sage_attention(q, k, v, config=cfg), args.repeats)
+            except Exception as e:
+                log(dict(section="kernels", op="sage_int8", config=cfg, error=str(e)[:200]))
+                continue
+            log(dict(section="kernels", op="sage_int8 (Triton)", heads=heads, tokens=seq, config=cfg,
+                     ms=ms, tflops=flop / ms / 1e9, rel_err=rel(out, ref)))
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        if best is not None and heads == 40:
+            sa.set_sage_config(best[1])
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT
+
+
+def random_state_dict(cfg_kwargs: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights at trained-model-like scales, bf16 with diffusers' fp32 keep-list, on GPU."""
+    from engine.models.wan.transformer import WanDiTConfig, WanTransformer
+
+    with torch.device("meta"):
+        model = WanTransformer(WanDiTConfig(**cfg_kwargs))
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    sd = {}
+    for name, p in model.state_dict().items():
+        dtype = torch.float32 if WanTransformer.keeps_fp32(name) else torch.bfloat16
+        t = torch.empty(p.shape, device=DEV, dtype=torch.float32)
+        if name.endswith("weight") and p.dim() >= 2:
+            fan_in = math.prod(p.shape[1:])
+            t.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
+        elif "scale_shift_table" in name:
+            t.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+        elif name.endswith("weight"):          # norm scales
+            t.fill_(1.0)
+        else:                                  # biases
+            t.normal_(0.0, 0.02, generator=g)
+        sd[name] = t.to(dtype)
+        del t
+    return sd
+
+
+def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
+    """The engine's DiT on the shared weights with `mode` applied (quantized copies are new)."""
+    from engine.kernels import optimize_transformer
+    from engine.models.wan.transformer import WanDiTConfig, WanTransformer
+
+    parts = mode.split("+")
+    precision = parts[0]
+    with torch.device("meta"):
+        model = WanTransformer(WanDiTConfig(**cfg_kwargs))
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    options = EngineOptions(device=DEV, dtype="bfloat16", quantization="none" if precision == "bf16" else precision,
+                            attention="sage_int8" if "sage" in parts else "sdpa", compile="compile" in parts)
+    return optimize_transformer(model, options)
+
+
+def diffusers_model(cfg_kwargs: dict, sd: dict):
+    """diffusers' WanTransformer3DModel on the same tensors (keys are equal)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    kw = dict(cfg_kwargs, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+              rope_max_seq_len=1024, patch_size=(1, 2, 2))
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**kw)
+    model.rope = WanRotaryPosEmbed(kw["attention_head_dim"], kw["patch_size"], kw["rope_max_seq_len"]).to(DEV)
+    missing, unexpected = model.load_state_dict(sd, assign=True, strict=False)
+    missing = [k for k in missing if not k.startswith("rope.")]
+    assert not missing and not unexpected, (missing, unexpected)
+    return model.eval().requires_grad_(False)
+
+
+def dit_flops(nparams: int, tokens: int, dim: int, layers: int, text: int = 512) -> float:
+    """As ../shared/bench: 2·params·tokens + 4·tokens²·dim·layers + 4·tokens·text·dim·layers."""
+    return 2 * nparams * tokens + 4 * tokens * tokens * dim * layers + 4 * tokens * text * dim * layers
+
+
+def section_dit(args, name: str, res: str) -> None:
+    from engine.guidance import CFGPredictor
+    from engine.quant import weight_bytes
+    from engine.samplers import make_sampler
+
+    cfgk = MODELS[name]
+    h, w = RES[res]
+    f = (args.frames - 1) // 4 + 1
+    torch.manual_seed(1)
+    lat = torch.randn(1, 16, f, h // 8, w // 8, device=DEV, dtype=torch.bfloat16)
+    t = torch.tensor([500.0], device=DEV)
+    ctx = torch.randn(1, 512, 4096, device=DEV, dtype=torch.bfloat16)
+    neg = torch.randn(1, 512, 4096, device=DEV, dtype=torch.bfloat16)
+    tokens = f * (h // 16) * (w // 16)
+    dim, layers = cfgk["num_attention_heads"] * 128, cfgk["num_layers"]
+    sd = random_state_dict(cfgk)
+    nparams = sum(v.numel() for v in sd.values())
+    flops = dit_flops(nparams, tokens, dim, layers)
+    base = dict(section="dit", model=name, res=res, frames=args.frames, tokens=tokens)
+    reps = args.repeats
+    times: dict[str, float] = {}
+
+    # 1. diffusers: forward, and a CFG step = cond + uncond forwards + guidance (+ Euler update)
+    if not args.no_diffusers:
+        dm = diffusers_model(cfgk, sd)
+        fwd = lambda: dm(hidden_states=lat, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]  # noqa: E731
+
+        def dstep():
+            c = fwd()
+            u = dm(hidden_states=lat, timestep=t, encoder_hidden_states=neg, return_dict=False)[0]
+            v = u.float() + 5.0 * (c.float() - u.float())
+            return (lat.float() - 0.02 * v).to(lat.dtype)
+
+        with torch.no_grad():
+            with Peak() as pk:
+                ms = timed(fwd, reps)
+            times["diffusers/fwd"] = ms
+            log(dict(base, impl="diffusers", mode="bf16", what="forward", ms=ms, tflops=flops / ms / 1e9,
+                     peak_gib=(pk.extra + weight_bytes(dm)) / GIB, weight_gib=weight_bytes(dm) / GIB))
+            if not args.no_step:
+                with Peak() as pk:
+                    ms = timed(dstep, max(1, reps - 1))
+                times["diffusers/step"] = ms
+                log(dict(base, impl="diffusers", mode="bf16", what="step_cfg", ms=ms, tflops=2 * flops / ms / 1e9,
+                         peak_gib=(pk.extra + weight_bytes(dm)) / GIB))
+            ref_diffusers = fwd().float() if args.accuracy else None
+        del dm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    # 2. the engine, mode by mode; references from its bf16 path
+    ref_fwd = ref_lat = None
+    for mode in args.modes:
+        try:
+            t0 = time.time()
+            model = engine_model(cfgk, sd, mode)
+            pred = CFGPredictor(model)
+            fwd = lambda: model(lat, t, ctx)  # noqa: E731
+
+            def step():
+                sampler = make_sampler("unipc", 50, shift=5.0)
+                v = pred(lat, t, ctx, neg, 5.0)
+                return sampler.step(v, 0, lat.float())
+
+            with torch.no_grad():
+                out = fwd()  # first call: compile / autotune
+                setup_s = time.time() - t0
+                with Peak() as pk:
+                    ms = timed(fwd, reps)
+                times[f"{mode}/fwd"] = ms
+                wb = weight_bytes(model)
+                rec = dict(base, impl="engine", mode=mode, what="forward", ms=ms, tflops=flops / ms / 1e9,
+                           peak_gib=(pk.extra + wb) / GIB, weight_gib=wb / GIB, setup_s=setup_s)
+                if "diffusers/fwd" in times:
+                    rec["speedup_vs_diffusers"] = times["diffusers/fwd"] / ms
+                if args.accuracy:
+                    if mode == "bf16":
+                        ref_fwd = out.float()
+                        if not args.no_diffusers:
+                            rec["rel_err_vs_diffusers_bf16"] = rel(out, ref_diffusers)
+                    elif ref_fwd is not None:
+                        rec["rel_err_vs_bf16"] = rel(out, ref_fwd)
+                log(rec)
+                if not args.no_step:
+                    with Peak() as pk:
+                        ms = timed(step, max(1, reps - 1))
+                    times[f"{mode}/step"] = ms
+                    rec = dict(base, impl="engine", mode=mode, what="step_cfg", ms=ms, tflops=2 * flops / ms / 1e9,
+                               peak_gib=(pk.extra + wb) / GIB)
+                    if "diffusers/step" in times:
+                        rec["speedup_vs_diffusers"] = times["diffusers/step"] / ms
+                    log(rec)
+                if args.accuracy and args.sample_steps > 0:
+                    sampler = make_sampler("unipc", args.sample_steps, shift=5.0)
+                    x = torch.randn(lat.shape, device=DEV, generator=torch.Generator(DEV).manual_seed(7))
+                    for i, ts in enumerate(sampler.timesteps):
+                        v = pred(x.to(torch.bfloat16), ts.reshape(1).to(DEV), ctx, neg, 5.0)
+                        x = sampler.step(v, i, x)
+                    if mode == "bf16":
+                        ref_lat = x
+                    elif ref_lat is not None:
+                        log(dict(base, impl="engine", mode=mode, what=f"sampled_{args.sample_steps}_steps",
+                                 rel_err_vs_bf16=rel(x, ref_lat)))
+                if mode in args.profile_modes:
+                    profile(fwd, dict(base, mode=mode), args)
+        except Exception as e:
+            log(dict(base, impl="engine", mode=mode, error=f"{type(e).__name__}: {e}"[:500]))
+            traceback.print_exc()
+        finally:
+            model = pred = None
+            torch._dynamo.reset()
+            gc.collect()
+            torch.cuda.empty_cache()
+    del sd
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def profile(fn, base: dict, args) -> None:
+    """Top CUDA kernels of one call, grouped by name (to $OUT when set)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
+    total = sum(e.device_time_total for e in prof.key_averages()) / 1e3
+    top = [dict(name=e.key[:90], ms=e.device_time_total / 1e3, calls=e.count)
+           for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]]
+    log(dict(base, section="profile", kernel_ms_total=total, top=top))
+    if args.out_dir:
+        with open(os.path.join(args.out_dir, f"profile_{base['model']}_{base['res']}_{base['mode']}.txt"), "w") as fh:
+            fh.write(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE and text encoder
+
+
+def section_vae(args) -> None:
+    from diffusers import AutoencoderKLWan
+
+    from engine.models.wan.vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(2)
+    with torch.device(DEV):
+        ours = WanVAE(WanVAEConfig()).to(torch.bfloat16).eval().requires_grad_(False)
+    with torch.device("meta"):
+        theirs = AutoencoderKLWan(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                  temperal_downsample=[False, True, True])
+    theirs.load_state_dict(ours.state_dict(), assign=True, strict=True)
+    theirs.eval().requires_grad_(False)
+    cfg = ours.config
+    mean = torch.tensor(cfg.latents_mean, device=DEV).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std, device=DEV).view(1, -1, 1, 1, 1)
+    for res in args.res:
+        h, w = RES[res]
+        z = torch.randn(1, 16, (args.frames - 1) // 4 + 1, h // 8, w // 8, device=DEV)
+        raw = (z * std + mean).to(torch.bfloat16)
+        base = dict(section="vae", res=res, frames=args.frames)
+        with torch.no_grad():
+            with Peak() as pk:
+                ms_d = timed(lambda: theirs.decode(raw).sample, 1)
+            ref = theirs.decode(raw).sample.clamp(-1, 1)
+            log(dict(base, impl="diffusers", mode="bf16", ms=ms_d, peak_gib=pk.extra / GIB))
+            for layout in ("contiguous", "channels_last"):
+                if layout == "channels_last":
+                    ours.to_channels_last()
+                with Peak() as pk:
+                    ms = timed(lambda: ours.decode(z), 1)
+                log(dict(base, impl="engine", mode=f"bf16 {layout}", ms=ms, peak_gib=pk.extra / GIB,
+                         speedup_vs_diffusers=ms_d / ms, rel_err_vs_diffusers=rel(ours.decode(z), ref)))
+        del z, raw, ref
+        torch.cuda.empty_cache()
+
+
+def section_t5(args) -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    with torch.device(DEV):
+        t5 = UMT5EncoderModel(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    ids = torch.randint(0, 256384, (2, 512), device=DEV)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ms = timed(lambda: t5(input_ids=ids, attention_mask=mask).last_hidden_state, args.repeats)
+    log(dict(section="t5", impl="transformers UMT5EncoderModel (engine and diffusers alike)", batch=2, tokens=512,
+             ms=ms, params_b=sum(p.numel() for p in t5.parameters()) / 1e9))
+    del t5
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def summary() -> None:
+    """A short table last (the device tool returns the end of the output)."""
+    print("\n| section | model | res | impl | mode | what | ms | x diffusers | TFLOP/s | peak GiB | weights GiB | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in RESULTS:
+        if r.get("section") in ("dit", "vae", "t5") and "ms" in r:
+            err = r.get("rel_err_vs_bf16", r.get("rel_err_vs_diffusers_bf16", r.get("rel_err_vs_diffusers", "")))
+            print(f"| {r['section']} | {r.get('model', '')} | {r.get('res', '')} | {r.get('impl', '')[:12]} | "
+                  f"{r.get('mode', '')} | {r.get('what', '')} | {r['ms']:.1f} | "
+                  f"{r.get('speedup_vs_diffusers', 0):.2f} | {r.get('tflops', 0):.0f} | {r.get('peak_gib', 0):.1f} | "
+                  f"{r.get('weight_gib', 0):.1f} | {err if err == '' else f'{err:.4f}'} |")
+        elif "rel_err_vs_bf16" in r:
+            print(f"| {r['section']} | {r.get('model')} | {r.get('res')} | engine | {r['mode']} | {r['what']} | "
+                  f"| | | | | {r['rel_err_vs_bf16']:.4f} |")
+        elif "error" in r:
+            print(f"| ERROR | {r.get('model', '')} | {r.get('res', '')} | | {r.get('mode', r.get('op', ''))} | "
+                  f"{r['error'][:150]} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="kernels,dit,vae,t5")
+    p.add_argument("--models", default="1.3b,14b")
+    p.add_argument("--res", default="480p")
+    p.add_argument("--modes", default="bf16,bf16+compile,fp8,int8,fp8+sage")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sample-steps", type=int, default=4)
+    p.add_argument("--no-accuracy", dest="accuracy", action="store_false")
+    p.add_argument("--no-step", action="store_true", help="skip the CFG step timing")
+    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--profile-modes", default="", help="modes to profile one forward of (comma list)")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only for smoke runs (--models tiny --res tiny)")
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench.json"))
+    args = p.parse_args()
+    global DEV
+    DEV = args.device
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.res = args.res.split(",")
+    args.profile_modes = set(filter(None, args.profile_modes.split(",")))
+    args.out_dir = os.environ.get("OUT")
+    if "bf16" not in args.modes and args.accuracy:
+        args.modes.insert(0, "bf16")  # the accuracy reference
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(json.dumps(dict(gpu=torch.cuda.get_device_name() if DEV == "cuda" else DEV, torch=torch.__version__,
+                          date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv[1:])), flush=True)
+    sections = args.sections.split(",")
+    steps = []
+    if "kernels" in sections:
+        steps.append(("kernels", lambda: section_kernels(args)))
+    if "dit" in sections:
+        for name in args.models.split(","):
+            for res in args.res:
+                steps.append((f"dit {name} {res}", lambda n=name, r=res: section_dit(args, n, r)))
+    if "vae" in sections:
+        steps.append(("vae", lambda: section_vae(args)))
+    if "t5" in sections:
+        steps.append(("t5", lambda: section_t5(args)))
+    try:
+        for label, fn in steps:
+            t0 = time.time()
+            try:
+                fn()
+            except Exception as e:
+                log(dict(section=label, error=f"{type(e).__name__}: {e}"[:500]))
+                traceback.print_exc()
+            print(f"# {label}: {time.time() - t0:.0f} s", flush=True)
+            with open(args.json, "w") as fh:
+                json.dump(RESULTS, fh, indent=1)
+    finally:
+        summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Classifier-free guidance: the velocity predictor the denoise loop calls once per step.
+
+`CFGPredictor(transformer)(x, timestep, context, negative_context, guidance_scale, image_context)`
+returns `uncond + g * (cond - uncond)`. With both branches it runs ONE forward at batch 2
+(conditional first, unconditional second); with `negative_context=None` (guidance off) one
+forward at batch 1 returns the conditional prediction as is.
+
+A CFG-parallel predictor (engine/parallel) is a drop-in with the same call signature: each rank
+computes one branch and the ranks exchange their predictions.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+class GuidedPredictor(Protocol):
+    """What the denoise loop needs: latents in, guided velocity out."""
+
+    def __call__(self, x: Tensor, timestep: Tensor, context: Tensor, negative_context: Tensor | None,
+                 guidance_scale: float, image_context: Tensor | None = None) -> Tensor: ...
+
+
+def combine(cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
+    """`uncond + g * (cond - uncond)`, computed in float32."""
+    cond, uncond = cond.float(), uncond.float()
+    return uncond + guidance_scale * (cond - uncond)
+
+
+class CFGPredictor:
+    """Runs the transformer on the conditional and (if given) unconditional branch."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
+
+    def __call__(self, x: Tensor, timestep: Tensor, context: Tensor, negative_context: Tensor | None,
+                 guidance_scale: float, image_context: Tensor | None = None) -> Tensor:
+        """
+        x: (1, C_in, F, H, W) model input (I2V: noisy latents ++ conditioning on C), model dtype.
+        timestep: (1,) float in [0, 1000]. context / negative_context: (1, L, D).
+        image_context: (1, 257, D_img) or None. Returns (1, C_out, F, H, W) float32.
+        """
+        # 1. Guidance off: one conditional forward.
+        if negative_context is None:
+            return self.transformer(x, timestep, context, image_context).float()
+
+        # 2. Both branches as one batch-2 forward: [cond, uncond].
+        x2 = torch.cat([x, x])                                      # (2, C_in, F, H, W)
+        t2 = torch.cat([timestep, timestep])                        # (2,)
+        ctx2 = torch.cat([context, negative_context])               # (2, L, D)
+        img2 = None if image_context is None else torch.cat([image_context, image_context])
+        cond, uncond = self.transformer(x2, t2, ctx2, img2).chunk(2)  # (1, C_out, F, H, W) each
+
+        # 3. Guided velocity.
+        return combine(cond, uncond, guidance_scale)

@@ -1,0 +1,20 @@
+"""Optional fast kernels, applied from outside the models.
+
+- quantized attention ("sage_int8", Triton) registered in engine.attention's registry when this
+  package is imported (`register_backends()`; idempotent);
+- FP8/INT8 GEMM helpers used by engine.quant (quant_ops);
+- `compile_blocks(model)`: torch.compile of each transformer block (EngineOptions.compile);
+- `optimize_transformer(model, options)`: all of the above from EngineOptions (the loaders call it).
+
+Importing this package never imports triton: kernels load on first use, and each backend's
+requirement check says at start-up why it cannot run.
+"""
+from __future__ import annotations
+
+from .attention_backends import register_backends, sage_requirement
+from .compile import compile_blocks
+from .apply import optimize_transformer
+
+register_backends()
+
+__all__ = ["compile_blocks", "optimize_transformer", "register_backends", "sage_requirement"]

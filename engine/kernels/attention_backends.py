@@ -1,0 +1,47 @@
+"""Quantized attention backends for engine.attention's registry."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.attention import AttentionBackend, list_backends, register_backend
+
+
+def sage_requirement(device: torch.device) -> str | None:
+    """None if the Triton INT8 attention can run on `device`, else the reason."""
+    if device.type != "cuda":
+        return f"needs a CUDA GPU (Triton kernel), got device {str(device)!r}"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU, but torch.cuda.is_available() is False"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"needs compute capability >= 8.0 (INT8 tensor cores), this GPU has {cap[0]}.{cap[1]}"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"needs triton, which does not import here ({e})"
+    return None
+
+
+@torch.library.custom_op("lightx2v::sage_int8_attention", mutates_args=())
+def sage_int8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D); one graph node under torch.compile."""
+    from .sage_attention import sage_attention
+
+    return sage_attention(q, k, v)
+
+
+@sage_int8_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape, dtype=v.dtype)
+
+
+def register_backends() -> None:
+    """Register this package's attention backends (once)."""
+    if "sage_int8" not in list_backends():
+        register_backend(AttentionBackend(
+            name="sage_int8",
+            fn=sage_int8_attention,
+            requirement=sage_requirement,
+            description="Triton SageAttention-style: smoothed INT8 Q/K per block, 16-bit P·V",
+        ))

@@ -1,0 +1,168 @@
+"""SageAttention-style quantized attention in Triton: INT8 Q/K with smoothing, 16-bit P·V.
+
+  1. smooth K: subtract its mean over tokens (softmax is unchanged: q·mean is constant per row);
+  2. quantize Q per block of BLOCK_M tokens and K per block of BLOCK_N tokens (per batch and head)
+     to INT8 with one float32 scale each; the softmax scale and log2(e) are folded into Q's scale;
+  3. flash-attention loop: S = (Q_i8 · K_i8^T) in int32 * scale_q * scale_k, online softmax in
+     base 2, P cast to V's dtype (bf16/fp16) and accumulated as P·V in float32.
+
+Self-contained (only torch and triton) so tests can load it fresh with TRITON_INTERPRET=1.
+Layout in and out: (B, L, H, D), as engine.attention's backends take.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
+                         stride_xb, stride_xl, stride_xh,
+                         SCALE_MUL, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
+    """One program per (block of tokens, batch*head): int8 tile (B, H, L, D) and its scale."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_l = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    mask = offs_l[:, None] < L
+    x_ptr = X + b.to(tl.int64) * stride_xb + h * stride_xh \
+        + offs_l.to(tl.int64)[:, None] * stride_xl + offs_d[None, :]
+    x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        x = x - tl.load(MEAN + bh * D + offs_d)[None, :]
+        x = tl.where(mask, x, 0.0)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.maximum(amax / 127.0, 1e-12)
+    y = x / scale
+    y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+    q_ptr = XQ + bh.to(tl.int64) * L * D + offs_l.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(q_ptr, y.to(tl.int8), mask=mask)
+    tl.store(S + bh * tl.cdiv(L, BLOCK) + blk, scale * SCALE_MUL)
+
+
+@triton.jit
+def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
+                offs_n, offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr):
+    """One K/V block of the online softmax."""
+    cols = start_n + offs_n
+    if MASK:
+        k = tl.load(K + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
+                    mask=cols[:, None] < LK, other=0)
+        v = tl.load(V + cols.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
+                    mask=cols[:, None] < LK, other=0.0)
+    else:
+        k = tl.load(K + cols.to(tl.int64)[:, None] * D + offs_d[None, :])
+        v = tl.load(V + cols.to(tl.int64)[:, None] * stride_vl + offs_d[None, :])
+    k_scale = tl.load(KS + start_n // BLOCK_N)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * (q_scale * k_scale)     # (BM, BN), log2 units
+    if MASK:
+        s = tl.where(cols[None, :] < LK, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sage_fwd_kernel(QQ, QS, KQ, KS, V, O, LQ, LK, H,
+                     stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """One program per (block of BLOCK_M queries, batch*head)."""
+    # 1. this program's queries (int8) and their scale
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(QQ + bh.to(tl.int64) * LQ * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
+                mask=offs_m[:, None] < LQ, other=0)
+    q_scale = tl.load(QS + bh * tl.cdiv(LQ, BLOCK_M) + pid_m)
+    K = KQ + bh.to(tl.int64) * LK * D
+    KS_h = KS + bh * tl.cdiv(LK, BLOCK_N)
+    V_h = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    # 2. online softmax over the full K/V blocks, then the masked tail
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    n_full = (LK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, start_n, LK, stride_vl,
+                                    offs_n, offs_d, BLOCK_N, D, False)
+    if n_full < LK:
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, n_full, LK, stride_vl,
+                                    offs_n, offs_d, BLOCK_N, D, True)
+    # 3. normalise and store (B, L, H, D)
+    out = acc / l_i[:, None]
+    o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh \
+        + offs_m.to(tl.int64)[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default.
+SAGE_CONFIGS: list[tuple[int, int, int, int]] = [
+    (128, 64, 4, 3),
+    (128, 128, 8, 3),
+    (128, 64, 8, 4),
+    (64, 64, 4, 3),
+]
+_sage_config: list[tuple[int, int, int, int]] = [SAGE_CONFIGS[0]]
+
+
+def set_sage_config(cfg: tuple[int, int, int, int]) -> None:
+    """Pick the tile configuration used by sage_attention (bench/ sweeps these)."""
+    _sage_config[0] = cfg
+
+
+def quantize_blocks(x: torch.Tensor, block: int, scale_mul: float = 1.0,
+                    mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H, D) -> int8 (B, H, L, D) contiguous and scales (B*H, ceil(L/block)) float32."""
+    bsz, seq, heads, dim = x.shape
+    assert x.stride(-1) == 1
+    n_blk = triton.cdiv(seq, block)
+    xq = torch.empty((bsz, heads, seq, dim), device=x.device, dtype=torch.int8)
+    scale = torch.empty((bsz * heads, n_blk), device=x.device, dtype=torch.float32)
+    _quant_blocks_kernel[(n_blk, bsz * heads)](
+        x, mean if mean is not None else scale, xq, scale, seq, heads,
+        x.stride(0), x.stride(1), x.stride(2), scale_mul,
+        HAS_MEAN=mean is not None, BLOCK=block, D=dim, num_warps=4)
+    return xq, scale
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Quantized attention, q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in v's dtype.
+
+    No mask, not causal (the DiT's attention needs neither).
+    """
+    bsz, seq, heads, dim = q.shape
+    seq_k = k.shape[1]
+    assert k.shape == v.shape and k.shape[0] == bsz and k.shape[2:] == q.shape[2:], \
+        f"sage_attention: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
+    assert dim in (16, 32, 64, 128, 256), f"head dim {dim} unsupported"
+    bm, bn, warps, stages = config or _sage_config[0]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # 1. smooth K: subtract the mean over tokens
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()         # (B, H, D)
+    # 2. per-block INT8 Q (softmax scale and log2 e folded in) and K
+    q_q, q_s = quantize_blocks(q, bm, scale_mul=LOG2E / math.sqrt(dim))
+    k_q, k_s = quantize_blocks(k, bn, mean=k_mean)
+    # 3. attention
+    out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
+    grid = (triton.cdiv(seq, bm), bsz * heads)
+    _sage_fwd_kernel[grid](q_q, q_s, k_q, k_s, v, out, seq, seq_k, heads,
+                           v.stride(0), v.stride(1), v.stride(2),
+                           out.stride(0), out.stride(1), out.stride(2),
+                           BLOCK_M=bm, BLOCK_N=bn, D=dim, num_warps=warps, num_stages=stages)
+    return out

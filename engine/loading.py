@@ -1,0 +1,239 @@
+"""Checkpoint loading: weights files, meta-device module building, layout and variant detection.
+
+Two checkpoint layouts are understood:
+
+- "diffusers": a pipeline folder with `model_index.json` and one sub-folder per component
+  (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `image_encoder/`, `image_processor/`).
+- "official": the model authors' release folder, e.g. for Wan a root `config.json` plus
+  `diffusion_pytorch_model*.safetensors`, `Wan2.1_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth`, ...
+
+Modules are built with their parameters on the meta device and the checkpoint tensors assigned
+(`load_state_dict(strict=True, assign=True)`), so weights are never initialised twice.
+Which model family and variant a folder holds is decided by the families from its config
+(never from the directory name).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, TypeVar
+
+import torch
+from torch import nn
+
+from engine.registry import ModelSpec, get_spec
+
+log = logging.getLogger(__name__)
+
+Layout = Literal["diffusers", "official"]
+M = TypeVar("M", bound=nn.Module)
+
+DIFFUSERS_MARKER = "model_index.json"
+OFFICIAL_CONFIG = "config.json"
+OFFICIAL_WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder on local disk, its layout and the model variant it holds."""
+
+    path: str
+    layout: Layout
+    spec: ModelSpec
+
+    def file(self, *parts: str) -> str:
+        """Path of a file or folder inside the checkpoint."""
+        return os.path.join(self.path, *parts)
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def safetensors_files(directory: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> list[str]:
+    """The safetensors files of one model in `directory`: the shards named by
+    `{stem}.safetensors.index.json`, else `{stem}.safetensors`, else `{stem}*.safetensors`."""
+    index = os.path.join(directory, f"{stem}.safetensors.index.json")
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        files = [os.path.join(directory, s) for s in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
+        return files
+    single = os.path.join(directory, f"{stem}.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    shards = sorted(glob.glob(os.path.join(glob.escape(directory), f"{stem}*.safetensors")))
+    if shards:
+        return shards
+    raise FileNotFoundError(
+        f"no weights in {directory}: looked for {stem}.safetensors.index.json, {stem}.safetensors "
+        f"and {stem}-*.safetensors"
+    )
+
+
+def read_safetensors(path: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` file, or of the (possibly sharded) model in a folder."""
+    from safetensors.torch import load_file
+
+    files = [path] if os.path.isfile(path) else safetensors_files(path, stem)
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = load_file(file, device="cpu")
+        overlap = state_dict.keys() & part.keys()
+        if overlap:
+            raise ValueError(f"{file} repeats keys of an earlier shard, e.g. {sorted(overlap)[:3]}")
+        state_dict.update(part)
+    return state_dict
+
+
+def read_pth(path: str) -> dict[str, torch.Tensor]:
+    """A `.pth` state dict (the official releases' format), loaded safely and memory-mapped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    state_dict = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state_dict).__name__})")
+    return state_dict
+
+
+# --------------------------------------------------------------------------- module building
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Inside, new parameters are created on the meta device (no memory, no init cost).
+
+    Buffers stay real: modules often compute non-persistent buffers (rotary tables, position
+    ids) in `__init__`, and those are not in the checkpoint.
+    """
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def keeps_fp32(key: str, keep_in_fp32: tuple[str, ...]) -> bool:
+    """Whether a state-dict key lies in a module kept in float32 (a name part matches, as diffusers)."""
+    parts = key.split(".")
+    return any(name in parts for name in keep_in_fp32)
+
+
+def cast_tensor(key: str, value: torch.Tensor, dtype: torch.dtype, keep_in_fp32: tuple[str, ...]) -> torch.Tensor:
+    """Floating tensors to `dtype` (float32 for the keep-in-fp32 modules); others unchanged."""
+    if not value.is_floating_point():
+        return value
+    return value.to(torch.float32 if keeps_fp32(key, keep_in_fp32) else dtype)
+
+
+def build_module(
+    factory: Callable[[], M],
+    state_dict: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    keep_in_fp32: tuple[str, ...] = (),
+) -> M:
+    """Build `factory()` with meta parameters and assign the checkpoint's tensors (strict).
+
+    Tensors are cast (`keep_in_fp32` modules stay float32) and moved to `device` one at a time,
+    so at most one extra copy of a tensor exists at once. Returns the module in eval mode,
+    without gradients (inference only).
+    """
+    device = torch.device(device)
+    # 1. skeleton: parameters on meta, buffers real
+    with params_on_meta():
+        module = factory()
+    # 2. cast + move the checkpoint tensors, releasing the CPU copies as we go
+    ready: dict[str, torch.Tensor] = {}
+    for key in list(state_dict):
+        ready[key] = cast_tensor(key, state_dict.pop(key), dtype, keep_in_fp32).to(device)
+    # 3. assign (strict: every key must match, both ways)
+    try:
+        module.load_state_dict(ready, strict=True, assign=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"checkpoint does not fit {type(module).__name__}: {e}") from None
+    # 4. everything left is a buffer computed in __init__: move it (keeping its dtype)
+    still_meta = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    still_meta += [n for n, b in module.named_buffers() if b.device.type == "meta"]
+    if still_meta:
+        raise RuntimeError(f"{type(module).__name__}: tensors not in the checkpoint: {still_meta[:10]}")
+    for sub in module.modules():
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf.device != device:
+                sub._buffers[name] = buf.to(device)
+    return module.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- layout and variant
+
+
+def detect_layout(path: str) -> Layout:
+    """"diffusers" (`model_index.json`) or "official" (root `config.json` + DiT safetensors)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if os.path.isfile(os.path.join(path, DIFFUSERS_MARKER)):
+        return "diffusers"
+    has_config = os.path.isfile(os.path.join(path, OFFICIAL_CONFIG))
+    has_weights = bool(glob.glob(os.path.join(glob.escape(path), f"{OFFICIAL_WEIGHTS_STEM}*.safetensors")))
+    if has_config and has_weights:
+        return "official"
+    present = sorted(os.listdir(path))[:20]
+    raise ValueError(
+        f"{path} is not a checkpoint folder this engine can read. Looked for: "
+        f"'{DIFFUSERS_MARKER}' (diffusers layout), or '{OFFICIAL_CONFIG}' together with "
+        f"'{OFFICIAL_WEIGHTS_STEM}*.safetensors' (official release layout). Found: {present}"
+    )
+
+
+def resolve_checkpoint(model: str, spec_name: str | None = None) -> Checkpoint:
+    """A registry name (generated models are materialised on first use) or a local folder.
+
+    For a folder the layout is detected from its files and the variant from its config, through
+    the registered model families; `spec_name` picks among variants that share an architecture
+    (e.g. "wan2.1-i2v-14b-720p" instead of the default 480p entry).
+    """
+    from engine.families import detect_spec
+
+    if not os.path.isdir(model):
+        try:
+            spec = get_spec(model)
+        except KeyError:
+            raise ValueError(
+                f"model {model!r} is neither a registered model name nor a local directory"
+            ) from None
+        if spec_name is not None and spec_name != spec.name:
+            raise ValueError(f"spec_name={spec_name!r} conflicts with the registry name {model!r}")
+        if spec.materialize is not None:
+            path = spec.materialize()
+        elif spec.source is not None:
+            path = spec.source
+        else:
+            raise ValueError(
+                f"model {model!r} has no local weights (nothing can be downloaded here); pass the "
+                f"checkpoint directory instead, its variant is detected from its config"
+            )
+        return Checkpoint(path=os.path.abspath(path), layout=detect_layout(path), spec=spec)
+
+    path = os.path.abspath(model)
+    layout = detect_layout(path)
+    spec = detect_spec(path, layout, spec_name)
+    log.info("checkpoint %s: %s layout, variant %s", path, layout, spec.name)
+    return Checkpoint(path=path, layout=layout, spec=spec)

@@ -1,0 +1,258 @@
+"""The Wan2.1 family: variant detection and component loaders for both checkpoint layouts.
+
+    diffusers layout                               official release layout
+    model_index.json                               config.json (+ diffusion_pytorch_model*.safetensors)
+    transformer/config.json + *.safetensors        -> keymap_dit.official_to_diffusers
+    vae/config.json + *.safetensors                Wan2.1_VAE.pth -> keymap_vae.official_to_diffusers
+    text_encoder/ (UMT5) + tokenizer/              models_t5_umt5-xxl-enc-bf16.pth -> keymap_t5, google/umt5-xxl/
+    image_encoder/ (CLIP vision) + image_processor/  models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth
+                                                   -> keymap_clip (+ the same CLIP preprocessing)
+
+Everything is built with meta parameters and the checkpoint tensors assigned (engine.loading).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+
+import torch
+
+from engine.loading import (
+    Checkpoint, Layout, OFFICIAL_WEIGHTS_STEM, build_module, read_json, read_pth, read_safetensors,
+    safetensors_files,
+)
+from engine.models.wan import keymap_clip, keymap_dit, keymap_t5
+from engine.models.wan.image_encoder import WanImageEncoder, clip_image_processor_cls
+from engine.models.wan.specs import FAMILY, I2V_DEFAULTS, SPECS, T2V_DEFAULTS, WanArch
+from engine.models.wan.text_encoder import WanTextEncoder
+from engine.options import EngineOptions
+from engine.registry import ModelSpec, get_spec
+
+log = logging.getLogger(__name__)
+
+# official release file names
+OFFICIAL_VAE = "Wan2.1_VAE.pth"
+OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_T5_TOKENIZER = os.path.join("google", "umt5-xxl")
+OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+
+DIFFUSERS_TRANSFORMER_CLASS = "WanTransformer3DModel"
+OFFICIAL_TRANSFORMER_CLASS = "WanModel"
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def safetensors_shapes(directory: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in safetensors_files(directory, stem):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def read_dit_config(path: str, layout: Layout):
+    """The DiT's `WanDiTConfig`: diffusers `transformer/config.json`, or the official root
+    `config.json` completed from the weights' shapes (text/image/frequency widths, CLIP branch)."""
+    from engine.models.wan.transformer import WanDiTConfig
+
+    if layout == "diffusers":
+        return WanDiTConfig.from_dict(read_json(os.path.join(path, "transformer", "config.json")))
+    shapes = keymap_dit.official_to_diffusers(safetensors_shapes(path))
+    has_image = "condition_embedder.image_embedder.norm1.weight" in shapes
+    config = WanDiTConfig.from_official(read_json(os.path.join(path, "config.json")), has_image_embedder=has_image)
+    overrides = {
+        "text_dim": shapes["condition_embedder.text_embedder.linear_1.weight"][1],
+        "freq_dim": shapes["condition_embedder.time_embedder.linear_1.weight"][1],
+    }
+    if has_image:
+        overrides["image_dim"] = shapes["condition_embedder.image_embedder.norm1.weight"][0]
+    return dataclasses.replace(config, **overrides)
+
+
+def infer_vae_config(state_dict: dict[str, torch.Tensor]):
+    """`WanVAEConfig` read off diffusers-keyed VAE tensors (the official `.pth` has no config).
+
+    Encoder down_blocks run level by level: `num_res_blocks` residual blocks (`conv1`), then a
+    resample (`resample.1`, plus `time_conv` when it also halves time) between levels.
+    """
+    from engine.models.wan.vae import WanVAEConfig
+
+    base_dim = state_dict["encoder.conv_in.weight"].shape[0]
+    z_dim = state_dict["post_quant_conv.weight"].shape[0]
+    indices = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+    levels: list[list[int]] = [[]]
+    temporal: list[bool] = []
+    for i in indices:
+        prefix = f"encoder.down_blocks.{i}."
+        if prefix + "resample.1.weight" in state_dict:
+            temporal.append(prefix + "time_conv.weight" in state_dict)
+            levels.append([])
+        elif prefix + "conv1.weight" in state_dict:
+            levels[-1].append(state_dict[prefix + "conv1.weight"].shape[0])
+        else:
+            raise ValueError(f"cannot read the VAE structure: encoder.down_blocks.{i} is neither a "
+                             "residual block nor a resample")
+    dim_mult = []
+    for widths in levels:
+        if not widths or widths[0] % base_dim:
+            raise ValueError(f"cannot read the VAE structure: level widths {widths} vs base_dim {base_dim}")
+        dim_mult.append(widths[0] // base_dim)
+    return WanVAEConfig(
+        base_dim=base_dim, z_dim=z_dim, dim_mult=tuple(dim_mult), num_res_blocks=len(levels[0]),
+        temperal_downsample=tuple(temporal),
+    )
+
+
+def _fill_tied_t5(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """UMT5's `shared` and `encoder.embed_tokens` are one matrix; files may store either."""
+    if "shared.weight" not in state_dict and "encoder.embed_tokens.weight" in state_dict:
+        state_dict["shared.weight"] = state_dict["encoder.embed_tokens.weight"]
+    state_dict.setdefault("encoder.embed_tokens.weight", state_dict["shared.weight"])
+    return state_dict
+
+
+# --------------------------------------------------------------------------- the family
+
+
+class WanFamily:
+    """Wan2.1 T2V / I2V (and the tiny test model)."""
+
+    name = FAMILY
+
+    # -- variant detection ----------------------------------------------------------------------
+
+    def recognises(self, path: str, layout: Layout) -> bool:
+        """Whether the folder's DiT config is a Wan DiT."""
+        if layout == "diffusers":
+            config = os.path.join(path, "transformer", "config.json")
+            return os.path.isfile(config) and read_json(config).get("_class_name") == DIFFUSERS_TRANSFORMER_CLASS
+        d = read_json(os.path.join(path, "config.json"))
+        return d.get("_class_name") == OFFICIAL_TRANSFORMER_CLASS or {"dim", "num_heads", "in_dim"} <= d.keys()
+
+    def detect_spec(self, path: str, layout: Layout, spec_name: str | None = None) -> ModelSpec | None:
+        """The registered variant whose architecture the folder's DiT config matches; the first
+        such entry unless `spec_name` picks another; a derived spec when none matches."""
+        if not self.recognises(path, layout):
+            return None
+        arch = WanArch.of(read_dit_config(path, layout))
+        matching = [spec for spec, spec_arch in SPECS if spec_arch == arch]
+        if spec_name is not None:
+            wanted = get_spec(spec_name)
+            if wanted not in matching:
+                raise ValueError(
+                    f"spec_name={spec_name!r} does not fit the checkpoint in {path} ({arch}); "
+                    f"entries that fit: {[s.name for s in matching] or 'none'}"
+                )
+            return wanted
+        if matching:
+            return matching[0]
+        tasks = arch.tasks
+        derived = ModelSpec(
+            name=f"{FAMILY}-{'-'.join(sorted(tasks))}-custom", family=FAMILY, tasks=tasks,
+            defaults=I2V_DEFAULTS if "i2v" in tasks else T2V_DEFAULTS,
+            description=f"derived from the config in {path}",
+        )
+        log.warning("checkpoint %s matches no registered Wan variant (%s); using a spec derived from "
+                    "the family defaults: %s", path, arch, derived.name)
+        return derived
+
+    # -- components -----------------------------------------------------------------------------
+
+    def load_transformer(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
+        """`WanTransformer` in eval mode on the options' device and dtype (norms etc. float32),
+        with the options' quantization, attention backend and compile applied."""
+        from engine.kernels import optimize_transformer
+        from engine.models.wan.transformer import WanTransformer
+
+        config = read_dit_config(ckpt.path, ckpt.layout)
+        if ckpt.layout == "diffusers":
+            state_dict = read_safetensors(ckpt.file("transformer"))
+        else:
+            state_dict = keymap_dit.official_to_diffusers(read_safetensors(ckpt.path))
+        # some diffusers exports carry an unused `norm_added_q` (diffusers ignores it too)
+        for key in [k for k in state_dict if ".norm_added_q." in k]:
+            del state_dict[key]
+        model = build_module(
+            lambda: WanTransformer(config), state_dict, dtype=options.torch_dtype,
+            device=options.torch_device, keep_in_fp32=WanTransformer.keep_in_fp32,
+        )
+        return optimize_transformer(model, options)
+
+    def load_vae(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
+        """`WanVAE` in eval mode on the options' device and dtype."""
+        from engine.models.wan.vae import WanVAE, WanVAEConfig
+
+        if ckpt.layout == "diffusers":
+            config = WanVAEConfig.from_dict(read_json(ckpt.file("vae", "config.json")))
+            state_dict = read_safetensors(ckpt.file("vae"))
+        else:
+            from engine.models.wan import keymap_vae
+
+            state_dict = keymap_vae.official_to_diffusers(read_pth(ckpt.file(OFFICIAL_VAE)))
+            config = infer_vae_config(state_dict)
+        return build_module(lambda: WanVAE(config), state_dict, dtype=options.torch_dtype,
+                            device=options.torch_device)
+
+    def load_text_encoder(self, ckpt: Checkpoint, options: EngineOptions) -> WanTextEncoder:
+        """umT5 encoder + tokenizer. float16 is run as bfloat16 (umT5 overflows in float16)."""
+        from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+        if ckpt.layout == "diffusers":
+            config = UMT5Config.from_pretrained(ckpt.file("text_encoder"))
+            state_dict = read_safetensors(ckpt.file("text_encoder"), stem="model")
+            tokenizer_dir = ckpt.file("tokenizer")
+        else:
+            official = read_pth(ckpt.file(OFFICIAL_T5))
+            config = UMT5Config(**keymap_t5.infer_umt5_config(official))
+            state_dict = keymap_t5.official_to_hf(official)
+            tokenizer_dir = ckpt.file(OFFICIAL_T5_TOKENIZER)
+        dtype = torch.bfloat16 if options.torch_dtype == torch.float16 else options.torch_dtype
+        model = build_module(lambda: UMT5EncoderModel(config), _fill_tied_t5(state_dict),
+                             dtype=dtype, device=options.torch_device)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        return WanTextEncoder(model, tokenizer, text_len=ckpt.spec.text_len)
+
+    def load_image_encoder(self, ckpt: Checkpoint, options: EngineOptions) -> WanImageEncoder:
+        """CLIP ViT-H/14 vision tower + preprocessing (I2V models only)."""
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if "i2v" not in ckpt.spec.tasks:
+            raise ValueError(f"model {ckpt.spec.name!r} has no image encoder (tasks: {sorted(ckpt.spec.tasks)})")
+        processor_cls = clip_image_processor_cls()
+        if ckpt.layout == "diffusers":
+            config = CLIPVisionConfig.from_pretrained(ckpt.file("image_encoder"))
+            state_dict = read_safetensors(ckpt.file("image_encoder"), stem="model")
+            processor = processor_cls.from_pretrained(ckpt.file("image_processor"))
+        else:
+            official = read_pth(ckpt.file(OFFICIAL_CLIP))
+            config = CLIPVisionConfig(**keymap_clip.infer_clip_vision_config(official))
+            state_dict = keymap_clip.official_to_hf(official)
+            processor = make_clip_processor(config.image_size)
+        state_dict.pop("vision_model.embeddings.position_ids", None)  # a buffer, rebuilt in __init__
+        model = build_module(lambda: CLIPVisionModel(config), state_dict, dtype=options.torch_dtype,
+                             device=options.torch_device)
+        return WanImageEncoder(model, processor)
+
+
+def make_clip_processor(image_size: int = 224):
+    """The CLIP preprocessing of the Wan I2V pipelines: resize the short side, center crop,
+    normalise with the OpenAI CLIP mean/std (as the diffusers-layout `image_processor/`)."""
+    return clip_image_processor_cls()(
+        do_resize=True, size={"shortest_edge": image_size}, resample=3,  # bicubic
+        do_center_crop=True, crop_size={"height": image_size, "width": image_size},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
+    )
+
+
+WAN21 = WanFamily()

@@ -1,0 +1,321 @@
+"""`tiny-wan`: a tiny random-weight Wan2.1 checkpoint in the diffusers layout, generated locally.
+
+Deterministic (seed 0), well under a megabyte, runs on CPU in seconds. T2V and I2V capable: the
+DiT takes 36 input channels and CLIP tokens. Written once into
+`$LIGHTX2V_CACHE/tiny-wan-v1` (default `~/.cache/lightx2v/tiny-wan-v1`) through a temporary
+folder and an atomic rename, so concurrent processes never see a half-written checkpoint.
+A `lightx2v_tiny.json` in the folder records a fingerprint of the generator and of the module
+parameter layouts; a stale folder (the modules changed) is regenerated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+
+import torch
+from torch import nn
+
+VERSION = "tiny-wan-v1"
+MARKER = "lightx2v_tiny.json"
+SEED = 0
+TEXT_LEN = 512
+
+TINY_DIT = dict(
+    num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16, ffn_dim=64,
+    num_layers=2, text_dim=32, freq_dim=32, image_dim=32, added_kv_proj_dim=32,
+)
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
+                temperal_downsample=(False, True, True))
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128,
+               feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+               decoder_start_token_id=0)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+
+_WORDS = (
+    "a an the of and in on at with to from by is are was be it this that for as his her their "
+    "cat dog man woman child bird fish horse car tree sky sea city street room house forest "
+    "mountain river beach snow rain sun moon light night day red blue green white black yellow "
+    "walks runs flies swims jumps sits stands looks smiles dances plays eats drinks camera shot "
+    "close up slow motion video high quality detailed realistic cinematic bright dark static"
+).split()
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()\""
+
+SCHEDULER_CONFIG = {
+    "_class_name": "UniPCMultistepScheduler",
+    "_diffusers_version": "0.42.1",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "disable_corrector": [],
+    "dynamic_thresholding_ratio": 0.995,
+    "final_sigmas_type": "zero",
+    "flow_shift": 3.0,
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "predict_x0": True,
+    "prediction_type": "flow_prediction",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "solver_order": 2,
+    "solver_p": None,
+    "solver_type": "bh2",
+    "steps_offset": 0,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+    "use_beta_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_flow_sigmas": True,
+    "use_karras_sigmas": False,
+}
+
+MODEL_INDEX = {
+    "_class_name": "WanImageToVideoPipeline",
+    "_diffusers_version": "0.42.1",
+    "boundary_ratio": None,
+    "expand_timesteps": False,
+    "image_encoder": ["transformers", "CLIPVisionModel"],
+    "image_processor": ["transformers", "CLIPImageProcessor"],
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "transformer": ["diffusers", "WanTransformer3DModel"],
+    "transformer_2": [None, None],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+}
+
+
+# --------------------------------------------------------------------------- components
+
+
+def tiny_vocab() -> list[tuple[str, float]]:
+    """SentencePiece-style unigram vocabulary: specials, whole words, then single characters."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(f"\u2581{w}", -1.0 - i * 1e-3) for i, w in enumerate(_WORDS)]
+    pieces += [(c, -5.0 - i * 1e-3) for i, c in enumerate(_CHARS)]
+    pieces += [(f"\u2581{c}", -6.0 - i * 1e-3) for i, c in enumerate(_CHARS)]
+    return pieces
+
+
+def make_tokenizer():
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=tiny_vocab(), extra_ids=0, model_max_length=TEXT_LEN)
+
+
+def dit_config():
+    from engine.models.wan.transformer import WanDiTConfig
+
+    return WanDiTConfig(**TINY_DIT)
+
+
+def vae_config():
+    from engine.models.wan.vae import WanVAEConfig
+
+    return WanVAEConfig(**TINY_VAE)
+
+
+def randomize_(module: nn.Module, seed: int = SEED) -> nn.Module:
+    """Deterministic random weights that depend only on parameter names and shapes:
+    biases 0.02 * N(0, 1); norm scales (1-D, `gamma`) 1 + 0.1 * N(0, 1); other weights
+    N(0, 1) / sqrt(fan_in). Outputs are neither zero nor exploding."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("bias"):
+                value = 0.02 * noise
+            elif p.ndim == 1 or name.endswith("gamma"):
+                value = 1.0 + 0.1 * noise
+            else:
+                value = noise / max(1, p[0].numel()) ** 0.5
+            p.copy_(value.to(p.dtype))
+    return module
+
+
+def _hf_models():
+    """Tiny umT5 encoder and CLIP vision tower (transformers' own init, seeded)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        t5 = UMT5EncoderModel(UMT5Config(vocab_size=len(tiny_vocab()), **TINY_T5)).eval()
+        torch.manual_seed(SEED + 1)
+        clip = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).eval()
+    return t5, clip
+
+
+def fingerprint() -> str:
+    """Hash of the generator version, sizes and our modules' parameter names and shapes."""
+    from engine.models.wan.transformer import WanTransformer
+    from engine.models.wan.vae import WanVAE
+
+    with torch.device("meta"):
+        layout = {
+            "dit": [(k, list(v.shape)) for k, v in WanTransformer(dit_config()).state_dict().items()],
+            "vae": [(k, list(v.shape)) for k, v in WanVAE(vae_config()).state_dict().items()],
+        }
+    blob = json.dumps([VERSION, TINY_DIT, TINY_VAE, TINY_T5, TINY_CLIP, layout], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _save_module(module: nn.Module, directory: str, config: dict, class_name: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(directory)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}, f, indent=2)
+
+
+def write_tiny_wan(directory: str) -> None:
+    """Write the tiny checkpoint (diffusers layout) into a new folder `directory`."""
+    from engine.models.wan.loader import make_clip_processor
+    from engine.models.wan.transformer import WanTransformer
+    from engine.models.wan.vae import WanVAE
+
+    os.makedirs(directory, exist_ok=True)
+    # 1. DiT and VAE: our modules, deterministic weights
+    dit_cfg, vae_cfg = dit_config(), vae_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        dit = randomize_(WanTransformer(dit_cfg), SEED)
+        vae = randomize_(WanVAE(vae_cfg), SEED + 1)
+    _save_module(dit, os.path.join(directory, "transformer"), dit_cfg.to_dict(), "WanTransformer3DModel")
+    _save_module(vae, os.path.join(directory, "vae"), vae_cfg.to_dict(), "AutoencoderKLWan")
+    # 2. encoders, tokenizer, image processor (saved by transformers, without progress bars)
+    from transformers.utils import logging as hf_logging
+
+    t5, clip = _hf_models()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        t5.save_pretrained(os.path.join(directory, "text_encoder"))
+        clip.save_pretrained(os.path.join(directory, "image_encoder"))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    make_tokenizer().save_pretrained(os.path.join(directory, "tokenizer"))
+    make_clip_processor(TINY_CLIP["image_size"]).save_pretrained(os.path.join(directory, "image_processor"))
+    # 3. scheduler, pipeline index, our marker
+    os.makedirs(os.path.join(directory, "scheduler"))
+    with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER_CONFIG, f, indent=2)
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump(MODEL_INDEX, f, indent=2)
+    with open(os.path.join(directory, MARKER), "w") as f:
+        json.dump({"version": VERSION, "fingerprint": fingerprint(), "seed": SEED}, f)
+
+
+def cache_root() -> str:
+    return os.environ.get("LIGHTX2V_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightx2v")
+
+
+def _is_current(directory: str, expected: str) -> bool:
+    try:
+        with open(os.path.join(directory, MARKER)) as f:
+            return json.load(f).get("fingerprint") == expected
+    except (OSError, ValueError):
+        return False
+
+
+def materialize_tiny_wan(root: str | None = None) -> str:
+    """The tiny-wan checkpoint folder, generated on first use (atomically). Returns its path."""
+    root = root or cache_root()
+    final = os.path.join(root, VERSION)
+    expected = fingerprint()
+    if _is_current(final, expected):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{VERSION}-", dir=root)
+    try:
+        write_tiny_wan(tmp)
+        if os.path.isdir(final) and not _is_current(final, expected):
+            # stale (older generator or module layout): move it aside, then drop it
+            stale = os.path.join(root, f".{VERSION}-stale-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass  # another process replaced it first
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # another process won the race; use theirs if it is current
+            if not _is_current(final, expected):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------- official layout
+
+
+def write_official_layout(diffusers_dir: str, directory: str, num_shards: int = 2) -> str:
+    """Rewrite a Wan2.1 diffusers-layout checkpoint in the official release layout (for tests and
+    for trying the official loaders without the real weights):
+
+        config.json                                        (official keys, no `text_dim`, as released)
+        diffusion_pytorch_model-0000i-of-0000n.safetensors + diffusion_pytorch_model.safetensors.index.json
+        Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (tokenizer)
+        models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (I2V; with a stand-in `textual.*`)
+
+    Tensors keep their dtype. Returns `directory`.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from engine.models.wan import keymap_clip, keymap_dit, keymap_t5, keymap_vae, loader
+    from engine.models.wan.transformer import WanDiTConfig
+
+    os.makedirs(directory, exist_ok=True)
+    src = lambda *parts: os.path.join(diffusers_dir, *parts)  # noqa: E731
+    dst = lambda *parts: os.path.join(directory, *parts)  # noqa: E731
+
+    # 1. DiT: official config + sharded safetensors with an index
+    with open(src("transformer", "config.json")) as f:
+        official_config = WanDiTConfig.from_dict(json.load(f)).to_official(text_len=TEXT_LEN)
+    official_config.pop("text_dim", None)  # the released config.json has none; read from the weights
+    with open(dst("config.json"), "w") as f:
+        json.dump(official_config, f, indent=2)
+    dit = keymap_dit.diffusers_to_official(load_file(src("transformer", "diffusion_pytorch_model.safetensors")))
+    keys = sorted(dit)
+    weight_map: dict[str, str] = {}
+    for i in range(num_shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {k: dit[k].contiguous() for k in keys[i::num_shards]}
+        save_file(part, dst(name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in dit.values())
+    with open(dst("diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    # 2. VAE and umT5 encoder as .pth state dicts, tokenizer folder
+    vae = load_file(src("vae", "diffusion_pytorch_model.safetensors"))
+    torch.save(keymap_vae.diffusers_to_official(vae), dst(loader.OFFICIAL_VAE))
+    t5 = load_file(src("text_encoder", "model.safetensors"))
+    t5.setdefault("encoder.embed_tokens.weight", t5.get("shared.weight"))
+    torch.save(keymap_t5.hf_to_official(t5), dst(loader.OFFICIAL_T5))
+    shutil.copytree(src("tokenizer"), dst(loader.OFFICIAL_T5_TOKENIZER))
+
+    # 3. CLIP (I2V only): the vision tower plus stand-ins for the parts we ignore
+    if os.path.isdir(src("image_encoder")):
+        clip = keymap_clip.hf_to_official(load_file(src("image_encoder", "model.safetensors")))
+        width = clip["visual.patch_embedding.weight"].shape[0]
+        gen = torch.Generator().manual_seed(SEED)
+        clip["visual.head"] = torch.randn(width, 16, generator=gen)
+        clip["textual.token_embedding.weight"] = torch.randn(8, 16, generator=gen)
+        clip["log_scale"] = torch.tensor(4.6)
+        torch.save(clip, dst(loader.OFFICIAL_CLIP))
+    return directory

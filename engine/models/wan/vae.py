@@ -1,0 +1,592 @@
+"""The Wan2.1 video VAE: causal 3-D convolutions, decoded chunk by chunk with a feature cache.
+
+A re-implementation of diffusers' `AutoencoderKLWan` (0.42.1) for the Wan2.1 design
+(base_dim 96, z_dim 16, compression 4x8x8), with the SAME parameter keys, so a diffusers
+`vae/` folder loads with no key map (the official `Wan2.1_VAE.pth` goes through keymap_vae.py).
+
+Time is causal: frame t only sees frames <= t. The encoder runs on frame 0 alone, then on
+4-frame chunks; the decoder on one latent frame at a time. Each causal layer remembers the
+last frames it saw in a `CausalCache` that lives for ONE encode/decode call only (nothing is
+stored on the modules, so concurrent calls cannot leak into each other).
+
+Differences from diffusers, all for speed, none changing the maths (see the parity tests):
+  * causal conv: the spatial zero padding is done by the convolution itself (no `F.pad` copy);
+    the past frames are joined to the chunk in ONE copy (diffusers: `cat` then `pad`), and the
+    frames kept for the next chunk are cloned only when that frees memory;
+  * the decoded chunks are written into one preallocated output (diffusers re-`cat`s the growing
+    output for every frame: quadratic copying), clamped in place;
+  * everything stays in the model dtype: RMS norm reduces in float32 without materialising a
+    float32 copy of the activations, the nearest upsampling runs in the model dtype (exact in any
+    dtype); SiLU and residual additions run in place on fresh tensors;
+  * `WanVAE.to_channels_last()` switches convolutions to channels-last-3d (cuDNN's fast layout
+    for bf16); the per-frame 2-D convolutions then reshape without copies.
+Spatial tiling for bounded memory (`tiled_decode`, built on `plan_tiles`/`decode_tile`/`blend`)
+is at the bottom of this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CACHE_T = 2
+"""Past frames a temporal-kernel-3 causal conv needs from the previous chunk."""
+
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WanVAEConfig:
+    """Field names equal diffusers' `AutoencoderKLWan` config.json keys."""
+
+    base_dim: int = 96
+    """Channels of the first encoder level (x dim_mult per level)."""
+    decoder_base_dim: int | None = None
+    """Wan2.2 only (decoder width); None means base_dim."""
+    z_dim: int = 16
+    """Latent channels."""
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    """Channel multiplier per level; len - 1 spatial 2x down/up-samplings."""
+    num_res_blocks: int = 2
+    """Residual blocks per encoder level (decoder: one more)."""
+    attn_scales: tuple[float, ...] = ()
+    """Levels with extra attention blocks; empty in every Wan release (only () is supported)."""
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    """Per down-sampling level: also halve time? (sic: diffusers' spelling)."""
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    """Per-channel mean of the raw latents (normalised latents = (z - mean) / std)."""
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    """Per-channel std of the raw latents."""
+    is_residual: bool = False
+    """Wan2.2 residual up/down blocks (not implemented)."""
+    in_channels: int = 3
+    out_channels: int = 3
+    patch_size: int | None = None
+    """Wan2.2 pixel patchify (not implemented)."""
+    scale_factor_temporal: int | None = 4
+    scale_factor_spatial: int | None = 8
+
+    def __post_init__(self) -> None:
+        self.dim_mult = tuple(int(m) for m in self.dim_mult)
+        self.attn_scales = tuple(float(s) for s in self.attn_scales)
+        self.temperal_downsample = tuple(bool(t) for t in self.temperal_downsample)
+        self.latents_mean = tuple(float(m) for m in self.latents_mean)
+        self.latents_std = tuple(float(s) for s in self.latents_std)
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} entries, "
+                f"got {len(self.temperal_downsample)}"
+            )
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(self, name)) != self.z_dim:
+                raise ValueError(f"{name} needs z_dim = {self.z_dim} entries, got {len(getattr(self, name))}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WanVAEConfig":
+        """From a diffusers config.json dict; unknown and `_`-prefixed keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and not k.startswith("_")})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly (lists), loadable by diffusers' `AutoencoderKLWan.from_config`."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def check_supported(self) -> None:
+        """Raise NotImplementedError for the Wan2.2 variant (and other unused options)."""
+        wan22 = {
+            "is_residual": (self.is_residual, False),
+            "patch_size": (self.patch_size, None),
+            "decoder_base_dim": (self.decoder_base_dim, (None, self.base_dim)),
+        }
+        for name, (value, allowed) in wan22.items():
+            ok = value in allowed if isinstance(allowed, tuple) else value == allowed
+            if not ok:
+                raise NotImplementedError(
+                    f"WanVAE implements the Wan2.1 VAE only: {name}={value!r} is the Wan2.2 "
+                    f"residual/patchified VAE (allowed: {allowed!r})"
+                )
+        if self.attn_scales:
+            raise NotImplementedError(f"attn_scales must be () (no Wan VAE uses it), got {self.attn_scales}")
+
+    @property
+    def temporal_scale(self) -> int:
+        """Pixel frames per latent frame (after the first): 4 for Wan2.1."""
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_scale(self) -> int:
+        """Pixels per latent pixel along H and W: 8 for Wan2.1."""
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-call causal cache
+# ---------------------------------------------------------------------------------------------
+
+
+class CausalCache:
+    """The last input frames each causal layer saw, for ONE encode or decode call.
+
+    Keyed by the layer object. `seen(layer)` is False before the layer's first chunk.
+    """
+
+    def __init__(self) -> None:
+        self._frames: dict[nn.Module, Tensor | None] = {}
+
+    def seen(self, layer: nn.Module) -> bool:
+        return layer in self._frames
+
+    def get(self, layer: nn.Module) -> Tensor | None:
+        return self._frames.get(layer)
+
+    def put(self, layer: nn.Module, frames: Tensor | None) -> None:
+        self._frames[layer] = frames
+
+
+def _last_frames(past: Tensor | None, x: Tensor, n: int) -> Tensor:
+    """The last `n` frames of the stream `past ++ x` (fewer if the stream is shorter)."""
+    if x.shape[2] >= n:
+        # A clone frees the rest of x; when x is no longer than n, keeping x itself is free.
+        return x[:, :, -n:].clone() if x.shape[2] > n else x
+    if past is None:
+        return x
+    return torch.cat([past[:, :, -(n - x.shape[2]):], x], dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d that is causal in time: frame t sees input frames t-k+1 .. t.
+
+    Past frames come from the cache (zeros before the first frame). Spatial padding is the
+    convolution's own (no copy).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int, int] = 0,
+    ) -> None:
+        kernel_size = _triple(kernel_size)
+        pad_t, pad_h, pad_w = _triple(padding)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
+        self.time_pad = 2 * pad_t
+        """Frames of history the kernel needs (the original pads 2*p in front, 0 behind)."""
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        # x: (B, C, T, H, W) -> (B, C_out, T', H', W')
+        if self.time_pad == 0:
+            return super().forward(x)
+        past = cache.get(self) if cache is not None else None
+        n_past = 0 if past is None else past.shape[2]
+        # 1. the stream this chunk's outputs see: zeros, remembered frames, the chunk (one copy)
+        if past is None:
+            x_in = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
+        elif n_past < self.time_pad:
+            zeros = torch.zeros_like(past[:, :, :1]).expand(-1, -1, self.time_pad - n_past, -1, -1)
+            x_in = torch.cat([zeros, past, x], dim=2)
+        else:
+            x_in = torch.cat([past[:, :, -self.time_pad:], x], dim=2)
+        # 2. remember the last frames for the next chunk
+        if cache is not None:
+            cache.put(self, _last_frames(past, x, self.time_pad))
+        return super().forward(x_in)
+
+
+class RMSNorm(nn.Module):
+    """x / ||x||_channels * sqrt(C) * gamma (+ bias); `gamma` shaped (C, 1, 1[, 1]) as diffusers."""
+
+    def __init__(self, dim: int, images: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C, ...) ; the norm is over C, reduced in float32 without a float32 copy of x
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+        inv = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)  # as F.normalize's eps
+        out = x * inv
+        out.mul_(self.gamma)
+        return out if self.bias is None else out.add_(self.bias)
+
+
+class ResidualBlock(nn.Module):
+    """norm -> SiLU -> causal conv -> norm -> SiLU -> dropout -> causal conv, plus a shortcut."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim, images=False)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim, images=False)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # x: (B, C_in, T, H, W) -> (B, C_out, T, H, W)
+        h = self.conv_shortcut(x)
+        x = F.silu(self.norm1(x), inplace=True)
+        x = self.conv1(x, cache)
+        x = self.dropout(F.silu(self.norm2(x), inplace=True))
+        x = self.conv2(x, cache)
+        return x.add_(h)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (no attention across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, t, h, w = x.shape
+        identity = x
+        # 1. frames as a batch of images
+        x = _frames_to_images(x)  # (B*T, C, H, W)
+        # 2. q, k, v: (B*T, 1, H*W, C)
+        qkv = self.to_qkv(self.norm(x)).reshape(b * t, 1, 3 * c, h * w).transpose(-1, -2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        # 3. attention, back to images, output projection
+        x = F.scaled_dot_product_attention(q, k, v)  # (B*T, 1, H*W, C)
+        x = x.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        x = self.proj(x)
+        return _images_to_frames(x, b).add_(identity)  # (B, C, T, H, W)
+
+
+class Upsample2d(nn.Module):
+    """Nearest 2x in H, W, then a 3x3 conv to `out_dim` channels, frame by frame."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+            nn.Conv2d(dim, out_dim, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # (B, C, T, H, W) -> (B, C_out, T, 2H, 2W)
+        return _images_to_frames(self.resample(_frames_to_images(x)), x.shape[0])
+
+
+class Upsample3d(Upsample2d):
+    """Upsample2d after a causal 2x in time: each frame becomes two (channels -> frames).
+
+    The very first frame of a video is not doubled (1 latent frame -> 1 pixel frame; the time
+    conv starts at the second frame with zero history).
+    """
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__(dim, out_dim)
+        self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if cache.seen(self):
+            # 1. (B, C, T, H, W) -> conv (B, 2C, T, H, W) -> (B, C, 2T, H, W)
+            x = _interleave_time(self.time_conv(x, cache))
+        else:
+            cache.put(self, None)  # first chunk: the first frame passes through
+        # 2. spatial 2x
+        return super().forward(x, cache)
+
+
+class Downsample2d(nn.Module):
+    """Pad right/bottom by one, 3x3 conv with stride 2, frame by frame."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # (B, C, T, H, W) -> (B, C, T, H/2, W/2)
+        return _images_to_frames(self.resample(_frames_to_images(x)), x.shape[0])
+
+
+class Downsample3d(Downsample2d):
+    """Downsample2d, then a stride-2 conv over time: frame 0 alone, then pairs (1,2), (3,4), ..."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # 1. spatial 2x down
+        x = super().forward(x, cache)  # (B, C, T, H/2, W/2)
+        # 2. time 2x down: the first frame passes through, then windows (2k-1, 2k, 2k+1)
+        first_chunk, past = not cache.seen(self), cache.get(self)
+        cache.put(self, _last_frames(None, x, 1))
+        if first_chunk:
+            return x
+        return self.time_conv(torch.cat([past, x], dim=2))  # (B, C, T/2, H/2, W/2)
+
+
+class MidBlock(nn.Module):
+    """Residual, attention, residual."""
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout), ResidualBlock(dim, dim, dropout)])
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.resnets[0](x, cache)
+        x = self.attentions[0](x)
+        return self.resnets[1](x, cache)
+
+
+class UpBlock(nn.Module):
+    """`num_res_blocks + 1` residual blocks, then an optional (2-D or 3-D) upsampler."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, dropout: float,
+                 upsampler: Callable[[int, int], nn.Module] | None) -> None:
+        super().__init__()
+        dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
+        self.resnets = nn.ModuleList(ResidualBlock(i, o, dropout) for i, o in zip(dims[:-1], dims[1:]))
+        # the upsampler halves the channels (the next block's input width)
+        self.upsamplers = nn.ModuleList([upsampler(out_dim, out_dim // 2)]) if upsampler else None
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, cache)
+        return x
+
+
+class Encoder3d(nn.Module):
+    """Video chunk (B, 3, T, H, W) -> (B, 2*z, T', H/8, W/8) (mean and log-variance)."""
+
+    def __init__(self, config: WanVAEConfig) -> None:
+        super().__init__()
+        c = config
+        dims = [c.base_dim * m for m in (1, *c.dim_mult)]
+        self.conv_in = CausalConv3d(c.in_channels, dims[0], 3, padding=1)
+        # Flat list, as diffusers: per level num_res_blocks residual blocks, then a downsampler.
+        blocks: list[nn.Module] = []
+        for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(c.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim, c.dropout))
+                in_dim = out_dim
+            if level != len(c.dim_mult) - 1:
+                blocks.append(Downsample3d(out_dim) if c.temperal_downsample[level] else Downsample2d(out_dim))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1], c.dropout)
+        self.norm_out = RMSNorm(dims[-1], images=False)
+        self.conv_out = CausalConv3d(dims[-1], 2 * c.z_dim, 3, padding=1)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # 1. stem
+        x = self.conv_in(x, cache)  # (B, C0, T, H, W)
+        # 2. residual blocks and down-sampling (time: 1 -> 1 frame, then 4 -> 1)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        # 3. middle
+        x = self.mid_block(x, cache)  # (B, C, T', H/8, W/8)
+        # 4. head
+        x = F.silu(self.norm_out(x), inplace=True)
+        return self.conv_out(x, cache)  # (B, 2z, T', H/8, W/8)
+
+
+class Decoder3d(nn.Module):
+    """Latent chunk (B, z, T, h, w) -> pixels (B, 3, T', 8h, 8w)."""
+
+    def __init__(self, config: WanVAEConfig) -> None:
+        super().__init__()
+        c = config
+        dims = [c.base_dim * m for m in (c.dim_mult[-1], *reversed(c.dim_mult))]
+        temperal_upsample = tuple(reversed(c.temperal_downsample))
+        self.conv_in = CausalConv3d(c.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], c.dropout)
+        blocks = []
+        for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if level > 0:
+                in_dim //= 2  # the previous upsampler halved the channels
+            upsampler = None
+            if level != len(c.dim_mult) - 1:
+                upsampler = Upsample3d if temperal_upsample[level] else Upsample2d
+            blocks.append(UpBlock(in_dim, out_dim, c.num_res_blocks, c.dropout, upsampler))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = RMSNorm(dims[-1], images=False)
+        self.conv_out = CausalConv3d(dims[-1], c.out_channels, 3, padding=1)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # 1. stem and middle
+        x = self.conv_in(x, cache)  # (B, C, T, h, w)
+        x = self.mid_block(x, cache)
+        # 2. up-sampling (time: first frame 1 -> 1, later frames 1 -> 4)
+        for block in self.up_blocks:
+            x = block(x, cache)  # ... -> (B, C0, T', 8h, 8w)
+        # 3. head
+        x = F.silu(self.norm_out(x), inplace=True)
+        return self.conv_out(x, cache)  # (B, 3, T', 8h, 8w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The VAE
+# ---------------------------------------------------------------------------------------------
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE. `encode`: video in [-1, 1] -> normalised latents; `decode`: the reverse."""
+
+    def __init__(self, config: WanVAEConfig) -> None:
+        super().__init__()
+        config.check_supported()
+        self.config = config
+        self.encoder = Encoder3d(config)
+        self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder3d(config)
+        self.memory_format = torch.contiguous_format
+        """Layout of activations; `to_channels_last()` switches to channels_last_3d."""
+
+    @classmethod
+    def from_state_dict(cls, config: WanVAEConfig, state_dict: dict[str, Tensor],
+                        device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "WanVAE":
+        """Build on the meta device and assign the (diffusers-keyed) tensors: no double init."""
+        with torch.device("meta"):
+            vae = cls(config)
+        state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
+        vae.load_state_dict(state_dict, strict=True, assign=True)
+        return vae.eval()
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    def _latent_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """mean, std as float32 (1, z, 1, 1, 1) (made per call: nothing to load or to keep)."""
+        shape = (1, self.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.config.latents_mean, dtype=torch.float32, device=device).view(shape)
+        std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(shape)
+        return mean, std
+
+    # -- encode -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """(B, 3, F, H, W) in [-1, 1], F = 4k + 1 -> normalised posterior-mode latents,
+        float32 (B, z, (F - 1) // 4 + 1, H/8, W/8)."""
+        b, _, f, h, w = video.shape
+        t_scale = self.config.temporal_scale
+        if (f - 1) % t_scale:
+            raise ValueError(f"video frames must be {t_scale}k + 1, got {f}")
+        x = video.to(device=self.device, dtype=self.dtype).contiguous(memory_format=self.memory_format)
+        # 1. frame 0 alone, then chunks of 4 frames, through one per-call cache
+        cache = CausalCache()
+        chunks = [x[:, :, :1]] + [x[:, :, i:i + t_scale] for i in range(1, f, t_scale)]
+        moments = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+        # 2. posterior mode: the mean half of the moments
+        mu = self.quant_conv(moments)[:, : self.config.z_dim].float()  # (B, z, F', h, w)
+        # 3. normalise
+        mean, std = self._latent_stats(mu.device)
+        return (mu - mean) / std
+
+    # -- decode -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """Normalised latents (B, z, F, h, w) -> video (B, 3, 4(F - 1) + 1, 8h, 8w) in the model
+        dtype, clamped to [-1, 1] (`clamp=False` leaves it raw, for tiles that are blended)."""
+        b, z, f, h, w = latents.shape
+        if z != self.config.z_dim:
+            raise ValueError(f"latents must have z_dim={self.config.z_dim} channels, got {z}")
+        t_scale, s = self.config.temporal_scale, self.config.spatial_scale
+        # 1. de-normalise (float32), then model dtype and layout
+        mean, std = self._latent_stats(self.device)
+        x = latents.to(device=self.device, dtype=torch.float32) * std + mean
+        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        x = self.post_quant_conv(x)  # (B, z, F, h, w)
+        # 2. one latent frame at a time through one per-call cache, into a preallocated output
+        out = torch.empty((b, self.config.out_channels, t_scale * (f - 1) + 1, h * s, w * s),
+                          dtype=self.dtype, device=self.device)
+        cache = CausalCache()
+        for i in range(f):
+            t0 = 0 if i == 0 else t_scale * (i - 1) + 1
+            frames = self.decoder(x[:, :, i:i + 1], cache)  # (B, 3, 1 or 4, 8h, 8w)
+            out[:, :, t0:t0 + frames.shape[2]] = frames
+        # 3. clamp to the pixel range
+        return out.clamp_(-1.0, 1.0) if clamp else out
+
+    # -- speed --------------------------------------------------------------------------------
+
+    def to_channels_last(self) -> "WanVAE":
+        """Convolution weights and activations in channels-last(-3d) layout (cuDNN's fast path
+        for bf16 3-D convs; the per-frame 2-D convs then need no transposing copies)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last_3d
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _interleave_time(x: Tensor) -> Tensor:
+    """(B, 2C, T, H, W) -> (B, C, 2T, H, W): channel half j becomes frame 2t + j (one copy,
+    keeping x's layout)."""
+    b, c2, t, h, w = x.shape
+    c = c2 // 2
+    out = torch.empty((b, c, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    out.view(b, c, t, 2, h, w).copy_(x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5))
+    return out
+
+
+def _frames_to_images(x: Tensor) -> Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W); a view when x is channels-last-3d."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def _images_to_frames(x: Tensor, batch: int) -> Tensor:
+    """(B*T, C, H, W) -> (B, C, T, H, W) (a view)."""
+    bt, c, h, w = x.shape
+    return x.view(batch, bt // batch, c, h, w).transpose(1, 2)

@@ -1,0 +1,52 @@
+"""Parallel DiT inference over torch.distributed (no Ray): CFG-parallel x Ulysses.
+
+    mesh = init_mesh(options.parallel, device)       # on every rank, after init_process_group
+    predictor = apply_parallel(transformer, mesh)    # swaps modules; returns the predictor
+    DenoiseStage(transformer, options, predictor=predictor)
+
+World size N = cfg x ulysses. See `mesh` (rank layout), `ulysses` (sequence split),
+`cfg` (branch split and what the cfg ranks do with guidance off) and `vae` (split VAE decode).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from engine.guidance import CFGPredictor, GuidedPredictor
+from engine.parallel.cfg import CFGParallelPredictor
+from engine.parallel.mesh import ParallelMesh, SubGroup, init_mesh, single_mesh
+from engine.parallel.ulysses import UlyssesState, apply_ulysses, check_heads
+
+__all__ = ["CFGParallelPredictor", "ParallelMesh", "SubGroup", "apply_parallel", "check_heads",
+           "check_parallel_config", "init_mesh", "single_mesh"]
+
+
+def _num_heads(model: nn.Module) -> int:
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if not isinstance(heads, int):
+        raise TypeError(f"{type(model).__name__} has no config.num_attention_heads; "
+                        "cannot check the Ulysses degree")
+    return heads
+
+
+def check_parallel_config(model: nn.Module, ulysses: int) -> None:
+    """Refuse, with a clear message, a Ulysses degree the model's heads do not divide."""
+    check_heads(_num_heads(model), ulysses, "parallel.ulysses")
+
+
+def apply_parallel(model: nn.Module, mesh: ParallelMesh) -> GuidedPredictor:
+    """Make `model` run on `mesh` and return the guided predictor the denoise loop should call.
+
+    World size 1: the model is untouched and the plain `CFGPredictor` is returned. Otherwise the
+    model's sequence seam and self-attention cores are swapped for Ulysses versions (also when
+    ulysses = 1: they are then no-ops unless guidance is off and the world splits the tokens) and
+    a `CFGParallelPredictor` is returned. Raises ValueError when the heads do not divide by the
+    Ulysses degree.
+    """
+    if mesh.is_single:
+        return CFGPredictor(model)
+    heads = _num_heads(model)
+    check_heads(heads, mesh.config.ulysses, "parallel.ulysses")
+    state = UlyssesState()
+    apply_ulysses(model, state)
+    guidance_off_group = mesh.world if heads % mesh.world_size == 0 else mesh.ulysses
+    return CFGParallelPredictor(model, mesh, state, guidance_off_group)

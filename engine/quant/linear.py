@@ -1,0 +1,259 @@
+"""FP8 / INT8 replacements for nn.Linear, and `quantize_model` that swaps them in.
+
+Weights: quantized once at load time, per output channel (w_q (N, K), weight_scale (N,) float32).
+Activations: quantized per token on the fly.  On CUDA:
+  FP8  -> Triton per-token quantization + torch._scaled_mm with row-wise scales (sm_89+);
+  INT8 -> Triton per-token quantization + a Triton INT8 GEMM (torch._int_mm is a slow path on
+          H100/H200) with the scales and bias fused in its epilogue (sm_80+).
+Elsewhere (CPU) they run the reference math of engine/quant/reference.py.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .reference import FORMATS, QuantFormat, quantize_rows, quantized_linear_reference
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SKIP: tuple[str, ...] = (
+    "condition_embedder*",   # time / text / image embedders
+    "proj_out",              # output head
+    "patch_embedding",       # (a Conv3d anyway)
+    "*norm*",                # norms (and anything named like one)
+    "*scale_shift_table*",   # modulation
+)
+"""Module-name patterns (fnmatch) kept in high precision by default."""
+
+
+def _triton_ok() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({e})"
+    return None
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def fp8_requirement(device: torch.device) -> str | None:
+    """None if FP8 linears can run on `device`, else the reason."""
+    if device.type == "cpu":
+        return None  # reference math
+    cap = _cuda_capability(device)
+    if cap is None:
+        return f"FP8 linears need a CUDA device (or the CPU reference path), got {device}"
+    if cap < (8, 9):
+        return f"FP8 linears need compute capability >= 8.9 (Ada/Hopper), this GPU has {cap[0]}.{cap[1]}"
+    if not hasattr(torch, "_scaled_mm"):
+        return f"FP8 linears need torch._scaled_mm (torch {torch.__version__} lacks it)"
+    return None
+
+
+def int8_requirement(device: torch.device) -> str | None:
+    """None if INT8 linears can run on `device`, else the reason."""
+    if device.type == "cpu":
+        return None  # reference math
+    cap = _cuda_capability(device)
+    if cap is None:
+        return f"INT8 linears need a CUDA device (or the CPU reference path), got {device}"
+    if cap < (8, 0):
+        return f"INT8 linears need compute capability >= 8.0, this GPU has {cap[0]}.{cap[1]}"
+    return _triton_ok() and f"INT8 linears need Triton: {_triton_ok()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA paths, as custom ops so torch.compile treats them as single nodes.
+
+_scaled_mm_bias_ok: list[bool | None] = [None]
+
+
+def _scaled_mm_takes_bias(device: torch.device) -> bool:
+    """Probe once whether row-wise torch._scaled_mm accepts a fused bias on this build."""
+    if _scaled_mm_bias_ok[0] is None:
+        try:
+            a = torch.ones(16, 16, device=device, dtype=torch.float8_e4m3fn)
+            s_a = torch.ones(16, 1, device=device)
+            s_b = torch.ones(1, 16, device=device)
+            b = torch.ones(16, device=device, dtype=torch.bfloat16)
+            torch._scaled_mm(a, a.t(), scale_a=s_a, scale_b=s_b, bias=b, out_dtype=torch.bfloat16)
+            _scaled_mm_bias_ok[0] = True
+        except Exception:
+            _scaled_mm_bias_ok[0] = False
+    return bool(_scaled_mm_bias_ok[0])
+
+
+def _quant_rows_cuda(x2: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    from engine.kernels.quant_ops import quant_rows
+
+    return quant_rows(x2, fmt.name)
+
+
+@torch.library.custom_op("lightx2v::fp8_linear", mutates_args=())
+def fp8_linear_cuda(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 (M, K) bf16 -> (M, N) bf16 through torch._scaled_mm with row-wise scales."""
+    x_q, x_scale = _quant_rows_cuda(x2, FORMATS["fp8"])
+    fuse = bias is not None and _scaled_mm_takes_bias(x2.device)
+    y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
+                         bias=bias.to(torch.bfloat16) if fuse else None, out_dtype=torch.bfloat16)
+    if bias is not None and not fuse:
+        y += bias.to(y.dtype)
+    return y
+
+
+@fp8_linear_cuda.register_fake
+def _(x2, w_q, w_scale, bias):
+    return x2.new_empty((x2.shape[0], w_q.shape[0]), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("lightx2v::int8_linear", mutates_args=())
+def int8_linear_cuda(x2: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 (M, K) -> (M, N) in x2's dtype through the Triton INT8 GEMM."""
+    from engine.kernels.quant_ops import int8_gemm
+
+    x_q, x_scale = _quant_rows_cuda(x2, FORMATS["int8"])
+    return int8_gemm(x_q, w_q, x_scale, w_scale, bias, out_dtype=x2.dtype)
+
+
+@int8_linear_cuda.register_fake
+def _(x2, w_q, w_scale, bias):
+    return x2.new_empty((x2.shape[0], w_q.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with an 8-bit weight (per output channel) and per-token 8-bit activations."""
+
+    fmt: ClassVar[QuantFormat]
+    requirement: ClassVar[Callable[[torch.device], str | None]]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, device=device,
+                                                     dtype=self.fmt.dtype))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=bias_dtype),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "QuantLinear":
+        """Quantize a loaded nn.Linear's weight per output channel."""
+        w = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device=w.device, bias_dtype=w.dtype)
+        w_q, w_scale = quantize_rows(w, cls.fmt)                    # (N, K), (N, 1)
+        q.weight_q.copy_(w_q)
+        q.weight_scale.copy_(w_scale.reshape(-1))
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(N, K) float32: what the quantized weight stands for."""
+        return self.weight_q.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return quantized_linear_reference(x, self.weight_q, self.weight_scale, self.bias, self.fmt)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])                                # (M, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = self._cuda(x2)                                           # (M, N)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.fmt.name}")
+
+
+class FP8Linear(QuantLinear):
+    """FP8 e4m3 weights and activations, torch._scaled_mm with row-wise scales."""
+
+    fmt = FORMATS["fp8"]
+    requirement = staticmethod(fp8_requirement)
+
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        return fp8_linear_cuda(x2, self.weight_q, self.weight_scale, self.bias)
+
+
+class Int8Linear(QuantLinear):
+    """INT8 weights and activations, Triton INT8 GEMM with fused scales and bias."""
+
+    fmt = FORMATS["int8"]
+    requirement = staticmethod(int8_requirement)
+
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        return int8_linear_cuda(x2, self.weight_q, self.weight_scale, self.bias)
+
+
+QUANT_MODES: dict[str, type[QuantLinear]] = {"fp8": FP8Linear, "int8": Int8Linear}
+"""Quantization mode name -> linear class. "none" means no swap."""
+
+
+def list_quant_modes() -> list[str]:
+    return ["none", *QUANT_MODES]
+
+
+def check_quantization(mode: str, device: torch.device | str) -> None:
+    """Raise ValueError/RuntimeError at start-up if `mode` is unknown or cannot run on `device`."""
+    if mode == "none":
+        return
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization must be one of {list_quant_modes()}, got {mode!r}")
+    reason = QUANT_MODES[mode].requirement(torch.device(device))
+    if reason:
+        raise RuntimeError(f"quantization={mode!r} cannot run here: {reason}")
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(name.split(".")[-1], pat)
+               for pat in skip)
+
+
+def quantize_model(model: nn.Module, mode: str, skip: tuple[str, ...] = DEFAULT_SKIP) -> nn.Module:
+    """Swap every nn.Linear of `model` not matching `skip` for the `mode` quantized linear.
+
+    In place (returns the model). Weights are quantized on the device they live on. Raises at
+    once if the mode is unknown or cannot run on the model's device.
+    """
+    if mode == "none":
+        return model
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    check_quantization(mode, device)
+    cls = QUANT_MODES[mode]
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not _skipped(name, skip)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls.from_linear(linear))
+        del linear
+    log.info("quantized %d linear layers to %s", len(targets), mode)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (weight memory per mode)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

@@ -1,0 +1,106 @@
+"""`LightX2V`: load a model once, generate videos in this process. No logic of its own: it
+builds engine options and a request and runs the stages' LocalPipeline."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from stages.denoise import CancelFn, ProgressFn
+from stages.pipeline import GenerationResult, LocalPipeline
+from stages.request import GenerationRequest, load_image_file
+
+
+def build_engine_options(device: str, dtype: str, engine_options: dict[str, Any]):
+    """EngineOptions from the facade's keywords; `parallel` may be a dict {"cfg": .., "ulysses": ..}."""
+    from engine.options import EngineOptions, ParallelConfig
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was asked for but CUDA is not available on this machine; "
+                           "pass device=\"cpu\" (with dtype=\"float32\") to run on the CPU")
+    options = dict(engine_options)
+    parallel = options.pop("parallel", None)
+    if isinstance(parallel, dict):
+        parallel = ParallelConfig(**parallel)
+    if parallel is not None:
+        options["parallel"] = parallel
+    known = set(EngineOptions.__dataclass_fields__) - {"device", "dtype"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return EngineOptions(device=device, dtype=dtype, **options)
+
+
+class LightX2V:
+    """A loaded model. `generate` runs one request; `last_result` keeps its seed and timings."""
+
+    def __init__(self, pipeline: LocalPipeline, options) -> None:
+        self.pipeline = pipeline
+        self.options = options
+        self.last_result: GenerationResult | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str, device: str = "cuda", dtype: str = "bfloat16",
+                        **engine_options: Any) -> "LightX2V":
+        """`model`: a registry name ("tiny-wan") or a local checkpoint directory (either layout).
+        Extra keywords are engine options: attention=, quantization=, offload=, vae_tiling=,
+        compile=, parallel={"cfg": 2, "ulysses": 2}."""
+        from engine.loading import resolve_checkpoint
+
+        options = build_engine_options(device, dtype, engine_options)
+        if options.parallel.world_size > 1:
+            raise NotImplementedError(
+                f"parallel={options.parallel} needs the multi-GPU DiT group, which the library does "
+                "not run yet; use parallel={'cfg': 1, 'ulysses': 1}")
+        ckpt = resolve_checkpoint(model)
+        return cls(LocalPipeline.from_checkpoint(ckpt, options), options)
+
+    @property
+    def spec(self):
+        return self.pipeline.spec
+
+    def generate(self, prompt, negative_prompt=None, image=None, video_length=None,
+                 resolution=None, steps=None, guidance_scale=None, shift=None,
+                 sampler=None, seed=None, fps=None, latents=None,
+                 output_type="mp4", output_path=None, *, progress: ProgressFn | None = None,
+                 should_cancel: CancelFn | None = None):
+        """Generate one video.
+
+        video_length: frame count. resolution: (height, width). image: PIL image, file path or
+        (H, W, 3) array (image-to-video). latents: initial noise of the latent shape.
+        None means the model's default. Returns, by output_type: "mp4" -> the written file's
+        path (output_path, or a new temp file); "np" -> float32 (frames, H, W, 3) in [0, 1];
+        "latent" -> the final latents (C, F_lat, H_lat, W_lat).
+        """
+        height, width = (None, None) if resolution is None else _resolution(resolution)
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image_file(os.fspath(image))
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, image=image, num_frames=video_length,
+            height=height, width=width, steps=steps, guidance_scale=guidance_scale, shift=shift,
+            sampler=sampler, seed=seed, fps=fps, latents=latents, output_type=output_type,
+        )
+        result = self.pipeline.run(request, progress=progress, should_cancel=should_cancel)
+        self.last_result = result
+        if output_type == "latent":
+            return result.output.latents
+        if output_type == "np":
+            return result.output.frames
+        path = output_path
+        if path is None:
+            fd, path = tempfile.mkstemp(suffix=".mp4", prefix="lightx2v-")
+            os.close(fd)
+        path = os.fspath(path)
+        with open(path, "wb") as f:
+            f.write(result.output.data)
+        return path
+
+
+def _resolution(resolution: Any) -> tuple[int, int]:
+    try:
+        height, width = resolution
+    except (TypeError, ValueError):
+        raise ValueError(f"resolution must be (height, width), got {resolution!r}") from None
+    return height, width

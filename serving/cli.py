@@ -1,0 +1,147 @@
+"""The `lightx2v` command: `generate` (in process), `serve` (Ray Serve), `models` (registry).
+
+`serve` is imported lazily so that `generate` never imports Ray Serve.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+
+def _size(value: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (height, width)."""
+    try:
+        w, h = value.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be WIDTHxHEIGHT, e.g. 832x480; got {value!r}") from None
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-wan", help="registry name or local checkpoint dir (default tiny-wan)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--image", default=None, help="input image file (image-to-video)")
+    p.add_argument("--video-length", type=int, default=None, help="number of frames (4k+1)")
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, e.g. 832x480")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--fps", type=int, default=None)
+    p.add_argument("-o", "--output", required=True, help="output .mp4 path")
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="bfloat16 on cuda, float32 on cpu by default")
+    p.add_argument("--attention", default="sdpa", help="attention backend (default sdpa)")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8", "int8"])
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    import torch
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from lightx2v import LightX2V
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    t0 = time.perf_counter()
+    model = LightX2V.from_pretrained(args.model, device=device, dtype=dtype,
+                                     attention=args.attention, quantization=args.quantization)
+    load_s = time.perf_counter() - t0
+
+    bar = None
+
+    def progress(step: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
+        bar.update(step - bar.n)
+
+    height, width = args.size if args.size else (None, None)
+    try:
+        path = model.generate(
+            args.prompt, negative_prompt=args.negative_prompt, image=args.image,
+            video_length=args.video_length,
+            resolution=None if args.size is None else (height, width), steps=args.steps,
+            guidance_scale=args.guidance_scale, shift=args.shift, sampler=args.sampler,
+            seed=args.seed, fps=args.fps, output_type="mp4", output_path=args.output,
+            progress=progress,
+        )
+    except (ValidationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result = model.last_result
+    req = result.request
+    print(f"wrote {path}: {req.num_frames} frames, {req.width}x{req.height}, {req.fps} fps, "
+          f"seed {req.seed}, {req.steps} steps ({req.sampler}), guidance {req.guidance_scale}")
+    print(format_timings({"load": load_s, **result.timings}))
+    return 0
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """A small table: stage, seconds, share of the generation (load excluded from the share)."""
+    total = sum(v for k, v in timings.items() if k != "load")
+    rows = [("stage", "seconds", "share")]
+    for name, secs in timings.items():
+        share = "" if name == "load" or total == 0 else f"{100 * secs / total:.1f}%"
+        rows.append((name, f"{secs:.3f}", share))
+    rows.append(("total", f"{total:.3f}", "100.0%" if total else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def models_main(args: argparse.Namespace) -> int:
+    from engine.registry import list_specs
+
+    for spec in list_specs():
+        d = spec.defaults
+        tasks = "+".join(sorted(spec.tasks))
+        print(f"{spec.name:<24} {tasks:<8} {d.width}x{d.height} {d.num_frames} frames {d.fps} fps, "
+              f"{d.steps} steps  {spec.description}")
+    return 0
+
+
+def build_parser(serve_arguments: bool = False) -> argparse.ArgumentParser:
+    """`serve_arguments`: add the serve subcommand's flags (imports serving.launch)."""
+    parser = argparse.ArgumentParser(prog="lightx2v", description="Video generation (Wan2.1, ...)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate one video in this process")
+    add_generate_arguments(gen)
+    gen.set_defaults(func=generate_main)
+    sub.add_parser("models", help="list the model registry").set_defaults(func=models_main)
+    serve = sub.add_parser("serve", help="start the Ray Serve app (see serving/launch.py)")
+    if serve_arguments:
+        from serving.launch import add_serve_arguments
+
+        add_serve_arguments(serve)
+    serve.set_defaults(func=_serve_main)
+    return parser
+
+
+def _serve_main(args: argparse.Namespace) -> int:
+    from serving.launch import serve_main
+
+    return serve_main(args) or 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Serve's flags belong to serving/launch.py: import it only for that subcommand.
+    parser = build_parser(serve_arguments=bool(argv) and argv[0] == "serve")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Fake stages and a fake DiT worker with the real interfaces, for tests of the serving logic
+(overlap timing, back-pressure, cancellation) without models.
+
+Inject them through `AppArgs`: `engine_cls="serving.fakes:FakeStageEngine"`,
+`dit_worker_cls="serving.fakes:FakeDiTWorker"`, and `engine_kwargs` with the delays and a
+`timeline` file. Every stage call appends one JSON line `{"stage", "prompt", "start", "end"}`
+to that file (wall-clock seconds), so a test can see which stages overlapped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from engine.options import EngineOptions
+from engine.registry import ModelSpec, SamplingDefaults
+from stages.payloads import EncodedVideo, ImageCond, Latents, TextEmbeds
+from stages.request import ResolvedRequest
+
+FAKE_SPEC = ModelSpec(
+    name="fake-wan", family="fake", tasks=frozenset({"t2v", "i2v"}),
+    defaults=SamplingDefaults(num_frames=5, height=32, width=32, steps=4, guidance_scale=1.0,
+                              shift=3.0, sampler="euler", fps=8),
+    description="fake stages for serving tests (no model)",
+)
+
+
+def _record(timeline: str | None, stage: str, request: ResolvedRequest, start: float) -> None:
+    if timeline:
+        line = json.dumps({"stage": stage, "prompt": request.prompt, "start": start,
+                           "end": time.time(), "pid": os.getpid()})
+        with open(timeline, "a") as f:  # one short append per call: atomic enough for tests
+            f.write(line + "\n")
+
+
+class _FakeStage:
+    def __init__(self, name: str, delay_s: float, timeline: str | None, fn) -> None:
+        self.name, self.delay_s, self.timeline, self.fn = name, delay_s, timeline, fn
+
+    def __call__(self, request: ResolvedRequest, *inputs: Any) -> Any:
+        start = time.time()
+        time.sleep(self.delay_s)
+        out = self.fn(request, *inputs)
+        _record(self.timeline, self.name, request, start)
+        return out
+
+
+class FakeStageEngine:
+    """`StageEngine` with sleeping stages that return payloads of the right types."""
+
+    def __init__(self, model: str, options: EngineOptions, *, text_s: float = 0.0,
+                 image_s: float = 0.0, step_s: float = 0.0, decode_s: float = 0.0,
+                 timeline: str | None = None) -> None:
+        self.delays = {"text": text_s, "image": image_s, "decode": decode_s}
+        self.timeline = timeline
+
+    @classmethod
+    def resolve(cls, model: str) -> tuple[ModelSpec, str]:
+        return FAKE_SPEC, "/nonexistent/fake-wan"
+
+    def text_stage(self):
+        return _FakeStage("text_encode", self.delays["text"], self.timeline,
+                          lambda r: TextEmbeds(context=torch.zeros(8, 4), negative_context=None))
+
+    def image_stage(self):
+        return _FakeStage("image_encode", self.delays["image"], self.timeline,
+                          lambda r: ImageCond(clip_tokens=None,
+                                              latent_cond=torch.zeros(20, *r.latent_shape[1:])))
+
+    def decode_stage(self):
+        def decode(r: ResolvedRequest, latents: Latents) -> EncodedVideo:
+            return EncodedVideo(data=b"FAKE-MP4 " + r.prompt.encode(), num_frames=r.num_frames,
+                                height=r.height, width=r.width, fps=r.fps)
+        return _FakeStage("decode", self.delays["decode"], self.timeline, decode)
+
+
+class FakeDiTWorker:
+    """The DiT worker interface (cluster.DiTWorker) with a sleeping denoise loop."""
+
+    def __init__(self, *, text_s: float = 0.0, image_s: float = 0.0, step_s: float = 0.0,
+                 decode_s: float = 0.0, timeline: str | None = None) -> None:
+        self.step_s = step_s
+        self.timeline = timeline
+        self._progress: dict[str, int] = {}
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self.rank = 0
+
+    def init_device(self, ctx) -> None:
+        self.rank = ctx.rank
+
+    def load_model(self, checkpoint_path: str, options: EngineOptions) -> None:
+        pass
+
+    def denoise(self, request: ResolvedRequest, text: TextEmbeds, image: ImageCond | None,
+                *, job_id: str) -> Latents | None:
+        from stages.base import Cancelled
+
+        start = time.time()
+        for step in range(request.steps):
+            with self._lock:
+                if job_id in self._cancelled:
+                    self._cancelled.discard(job_id)
+                    _record(self.timeline, "denoise_cancelled", request, start)
+                    raise Cancelled(f"job {job_id} cancelled before step {step + 1}")
+            time.sleep(self.step_s)
+            with self._lock:
+                self._progress[job_id] = step + 1
+        with self._lock:
+            self._progress.pop(job_id, None)
+        if self.rank == 0:
+            _record(self.timeline, "denoise", request, start)
+            return Latents(latents=torch.zeros(request.latent_shape))
+        return None
+
+    def progress(self, job_id: str) -> int | None:
+        with self._lock:
+            return self._progress.get(job_id)
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def check_health(self) -> None:
+        pass

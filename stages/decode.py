@@ -1,0 +1,68 @@
+"""Decode stages: latents -> frames (VideoFrames, output_type "np") -> MP4 (EncodedVideo)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stages.base import Stage, StageError
+from stages.image_encode import VideoVAE
+from stages.payloads import EncodedVideo, Latents, VideoFrames
+from stages.request import ResolvedRequest
+from stages.video import encode_mp4, frames_to_uint8
+
+if TYPE_CHECKING:
+    from engine.loading import Checkpoint
+    from engine.options import EngineOptions
+
+
+class DecodeFramesStage(Stage):
+    """VAE decode to float32 frames (F, H, W, 3) in [0, 1] (as diffusers' output_type="np")."""
+
+    name = "decode"
+    output_type = VideoFrames
+
+    def __init__(self, vae: VideoVAE, options: "EngineOptions") -> None:
+        self.vae = vae
+        self.options = options
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: "Checkpoint", options: "EngineOptions", vae: VideoVAE | None = None):
+        """`vae` may be shared with an ImageEncodeStage in the same process."""
+        from engine.families import get_family
+
+        return cls(vae if vae is not None else get_family(ckpt.spec.family).load_vae(ckpt, options), options)
+
+    def forward(self, request: ResolvedRequest, latents: Latents) -> VideoFrames:
+        device, dtype = self.options.torch_device, self.options.torch_dtype
+        # 1. VAE decode (the VAE takes normalised latents).
+        video = self.vae.decode(latents.latents.to(device, dtype)[None])[0]   # (3, F, H, W) in [-1, 1]
+        # 2. To [0, 1], frames last.
+        frames = (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(1, 2, 3, 0)  # (F, H, W, 3)
+        return VideoFrames(frames=frames.cpu().numpy().astype(np.float32, copy=False), fps=request.fps)
+
+    def check_output(self, request: ResolvedRequest, out: VideoFrames | EncodedVideo) -> None:
+        if isinstance(out, VideoFrames):
+            expected = (request.num_frames, request.height, request.width, 3)
+            if out.frames.shape != expected:
+                raise StageError(f"decode: frames have shape {out.frames.shape}, expected {expected}")
+            if not np.isfinite(out.frames).all():
+                raise StageError("decode: frames contain NaN or inf")
+
+
+class DecodeStage(DecodeFramesStage):
+    """VAE decode, then H.264 MP4 at the request's fps."""
+
+    output_type = EncodedVideo
+
+    def forward(self, request: ResolvedRequest, latents: Latents) -> EncodedVideo:
+        frames = super().forward(request, latents).frames                     # (F, H, W, 3) float32
+        data = encode_mp4(frames_to_uint8(frames), request.fps)
+        return EncodedVideo(data=data, num_frames=frames.shape[0], height=frames.shape[1],
+                            width=frames.shape[2], fps=request.fps)
+
+    def check_output(self, request: ResolvedRequest, out: EncodedVideo) -> None:
+        got = (out.num_frames, out.height, out.width)
+        if got != (request.num_frames, request.height, request.width):
+            raise StageError(f"decode: video is {got}, expected "
+                             f"{(request.num_frames, request.height, request.width)}")

@@ -1,0 +1,106 @@
+"""LocalPipeline: every stage in this process, one request at a time.
+
+The same stage objects run as separate Ray Serve deployments in serving/; here they are simply
+called in order: text encode -> image encode (I2V) -> denoise -> decode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+import torch
+
+from stages.base import Timings
+from stages.decode import DecodeFramesStage, DecodeStage
+from stages.denoise import CancelFn, DenoiseStage, ProgressFn
+from stages.image_encode import ImageEncodeStage
+from stages.payloads import EncodedVideo, Latents, VideoFrames
+from stages.request import GenerationRequest, ResolvedRequest
+from stages.text_encode import TextEncodeStage
+
+if TYPE_CHECKING:
+    from engine.loading import Checkpoint
+    from engine.options import EngineOptions
+    from engine.registry import ModelSpec
+
+Output = Union[EncodedVideo, VideoFrames, Latents]
+
+
+@dataclass
+class GenerationResult:
+    """One finished request."""
+
+    request: ResolvedRequest
+    """What ran, with every default filled in (the seed used included)."""
+    output: Output
+    """EncodedVideo (output_type "mp4"), VideoFrames ("np") or Latents ("latent")."""
+    timings: Timings = field(default_factory=dict)
+    """Seconds per stage, in run order."""
+
+
+class LocalPipeline:
+    """Text encode, image encode, denoise and decode in one process."""
+
+    def __init__(self, spec: "ModelSpec", text: TextEncodeStage, denoise: DenoiseStage,
+                 decode: DecodeStage, image: ImageEncodeStage | None = None) -> None:
+        self.spec = spec
+        self.text = text
+        self.image = image
+        self.denoise = denoise
+        self.decode = decode
+        self.decode_frames = DecodeFramesStage(decode.vae, decode.options)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: "Checkpoint", options: "EngineOptions") -> "LocalPipeline":
+        """Load every component of `ckpt` once (the VAE is shared by image encode and decode)."""
+        from engine.families import get_family
+
+        family = get_family(ckpt.spec.family)
+        vae = family.load_vae(ckpt, options)
+        image = None
+        if "i2v" in ckpt.spec.tasks:
+            image = ImageEncodeStage(family.load_image_encoder(ckpt, options), vae, options,
+                                     ckpt.spec.temporal_stride)
+        return cls(
+            spec=ckpt.spec,
+            text=TextEncodeStage(family.load_text_encoder(ckpt, options)),
+            denoise=DenoiseStage(family.load_transformer(ckpt, options), options),
+            decode=DecodeStage(vae, options),
+            image=image,
+        )
+
+    def resolve(self, request: GenerationRequest | ResolvedRequest) -> ResolvedRequest:
+        if isinstance(request, ResolvedRequest):
+            if request.model != self.spec.name:
+                raise ValueError(f"request was resolved for {request.model!r}, this pipeline runs "
+                                 f"{self.spec.name!r}")
+            return request
+        return request.resolve(self.spec)
+
+    def run(self, request: GenerationRequest | ResolvedRequest, progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None) -> GenerationResult:
+        """Run one request. `progress(step, total)` after each denoising step; `should_cancel()`
+        before each step (True raises `stages.base.Cancelled`)."""
+        req = self.resolve(request)
+        timings: Timings = {}
+        with torch.no_grad():
+            # 1. Text (and negative text when guidance is on).
+            text = self.text(req, timings=timings)
+            # 2. Image conditioning (I2V).
+            image = None
+            if req.image is not None:
+                if self.image is None:
+                    raise ValueError(f"image: {self.spec.name} has no image encoder")
+                image = self.image(req, timings=timings)
+            # 3. Denoise.
+            latents = self.denoise(req, text, image, timings=timings, progress=progress,
+                                   should_cancel=should_cancel)
+            # 4. Decode to the requested output.
+            output: Output
+            if req.output_type == "latent":
+                output = latents
+            elif req.output_type == "np":
+                output = self.decode_frames(req, latents, timings=timings)
+            else:
+                output = self.decode(req, latents, timings=timings)
+        return GenerationResult(request=req, output=output, timings=timings)

@@ -1,0 +1,112 @@
+"""Helpers for tests/engine/test_parallel.py: tiny models, cases, and the body each spawned rank runs.
+
+Kept in its own module (not the test file) so `torch.multiprocessing.spawn` children can import it
+by name: the test puts this folder on sys.path, which spawn hands to the children.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """One denoising run to compare across world sizes."""
+
+    name: str
+    task: str                     # "t2v" or "i2v"
+    latent_shape: tuple[int, int, int, int]
+    guidance_scale: float
+    steps: int = 2
+
+
+CASES = (
+    # 3 x 3 x 5 = 45 tokens: not divisible by 2 or 4 (exercises the padding)
+    Case("t2v_odd_tokens", "t2v", (16, 3, 6, 10), 5.0),
+    # 2 x 2 x 2 = 8 tokens: divisible
+    Case("t2v_even_tokens", "t2v", (16, 2, 4, 4), 5.0),
+    Case("i2v_odd_tokens", "i2v", (16, 3, 6, 10), 4.0),
+    # guidance off: the cfg ranks join the Ulysses split (or compute redundantly)
+    Case("t2v_guidance_off", "t2v", (16, 3, 6, 10), 1.0),
+)
+
+TEXT_LEN, TEXT_DIM, IMG_TOKENS, IMG_DIM = 7, 24, 5, 20
+
+
+def dit_config(task: str, heads: int = 4):
+    from engine.models.wan.transformer import WanDiTConfig
+
+    i2v = task == "i2v"
+    return WanDiTConfig(
+        num_attention_heads=heads, attention_head_dim=12, in_channels=36 if i2v else 16,
+        out_channels=16, ffn_dim=32, num_layers=2, text_dim=TEXT_DIM, freq_dim=16,
+        image_dim=IMG_DIM if i2v else None, added_kv_proj_dim=heads * 12 if i2v else None,
+    )
+
+
+def build_model(task: str, heads: int = 4):
+    """Deterministic tiny DiT (same weights in every process)."""
+    from engine.models.wan.transformer import WanTransformer
+
+    torch.manual_seed(1234 + (task == "i2v"))
+    model = WanTransformer(dit_config(task, heads)).eval()
+    # scale_shift_tables are randn/sqrt(D); make the other weights non-trivial but tame
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def case_inputs(case: Case):
+    """The request and payloads of a case (same on every process)."""
+    from stages.payloads import ImageCond, TextEmbeds
+    from stages.request import ResolvedRequest
+
+    g = torch.Generator().manual_seed(7)
+    text = TextEmbeds(context=torch.randn(TEXT_LEN, TEXT_DIM, generator=g),
+                      negative_context=torch.randn(TEXT_LEN, TEXT_DIM, generator=g))
+    image = None
+    if case.task == "i2v":
+        _, f, h, w = case.latent_shape
+        image = ImageCond(clip_tokens=torch.randn(IMG_TOKENS, IMG_DIM, generator=g),
+                          latent_cond=torch.randn(20, f, h, w, generator=g))
+    request = ResolvedRequest(
+        model="test", prompt="p", negative_prompt="n", image=None, num_frames=1, height=16,
+        width=16, steps=case.steps, guidance_scale=case.guidance_scale, shift=3.0,
+        sampler="unipc", seed=11, fps=8, output_type="latent", latents=None,
+        latent_shape=case.latent_shape)
+    return request, text, image
+
+
+def denoise(predictor_for, case: Case, heads: int = 4) -> torch.Tensor:
+    """Run one case through `stages.DenoiseStage` with the predictor `predictor_for(model)`."""
+    from engine.options import EngineOptions
+    from stages.denoise import DenoiseStage
+
+    model = build_model(case.task, heads)
+    stage = DenoiseStage(model, EngineOptions(), predictor=predictor_for(model))
+    request, text, image = case_inputs(case)
+    return stage(request, text, image).latents
+
+
+def rank_main(rank: int, world_size: int, init_file: str, cfg: int, ulysses: int,
+              heads: int, out_dir: str) -> None:
+    """Spawned rank: join gloo, build the mesh, run every case, save this rank's latents."""
+    import torch.distributed as dist
+
+    from engine.options import ParallelConfig
+    from engine.parallel import apply_parallel, init_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        mesh = init_mesh(ParallelConfig(cfg=cfg, ulysses=ulysses), "cpu")
+        results = {}
+        for case in CASES:
+            results[case.name] = denoise(lambda m: apply_parallel(m, mesh), case, heads)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
