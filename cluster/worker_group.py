@@ -44,6 +44,8 @@ WORKER_ENV: dict[str, str] = {
 """Environment every worker process starts with (``env=`` entries are added on top)."""
 
 _MONITOR_POLL_S = 0.5
+STRAGGLER_GRACE_S = 5.0
+"""How long the other ranks of a call may keep running after one rank raised (see ``get``)."""
 
 
 class WorkerGroupError(RuntimeError):
@@ -322,12 +324,54 @@ class WorkerGroup:
         return self._actors[rank].execute.remote(method, args, kwargs)
 
     def get(self, refs: list[ray.ObjectRef] | ray.ObjectRef, timeout: float | None = None) -> Any:
-        """``ray.get`` that turns a dead rank into a ``WorkerGroupError`` naming it."""
+        """``ray.get`` that turns a dead rank into a ``WorkerGroupError`` naming it.
+
+        For the refs of one ``call`` (a list): when a rank raised while others are still running
+        after ``STRAGGLER_GRACE_S``, those are stuck in a collective the failed rank never joins;
+        the group is failed (``fail``) so they stop now instead of at the process-group timeout.
+        """
+        if isinstance(refs, list) and len(refs) > 1:
+            self._wait_in_step(refs, timeout)
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.RayActorError as err:
             time.sleep(_MONITOR_POLL_S)  # let the monitor record which rank died first
             raise WorkerGroupError(self._failure or f"a worker of the group died: {err}") from err
+
+    def _wait_in_step(self, refs: list[ray.ObjectRef], timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failed_at: float | None = None
+        checked: set[ray.ObjectRef] = set()
+        while True:
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=_MONITOR_POLL_S)
+            if not pending or (deadline is not None and time.monotonic() > deadline):
+                return
+            for ref in ready:
+                if ref in checked:
+                    continue
+                checked.add(ref)
+                try:
+                    ray.get(ref, timeout=0)
+                except Exception as err:  # noqa: BLE001 - any error: this rank left the step
+                    if failed_at is None:
+                        failed_at, rank, cause = time.monotonic(), refs.index(ref), err
+            if failed_at is not None and time.monotonic() - failed_at > STRAGGLER_GRACE_S:
+                first_line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+                self.fail(f"worker group failed: {self.ranks[rank].describe()} raised "
+                          f"{type(cause).__name__} ({first_line}) while {len(pending)} other rank(s) "
+                          "kept running; the ranks are out of step, start a new group")
+                return
+
+    def fail(self, reason: str) -> None:
+        """Mark the group failed and kill its workers (calls in flight fail at once)."""
+        with self._lock:
+            if self._failure is not None or self._closing.is_set():
+                return
+            self._failure = reason
+            log.error(reason)
+        self._kill_all()
+        if self.on_failure is not None:
+            self.on_failure(reason)
 
     def check_health(self) -> None:
         """Raise ``WorkerGroupError`` when the group is not running or any rank has died."""
@@ -335,7 +379,7 @@ class WorkerGroup:
         ready, _ = ray.wait(self._sentinels, num_returns=1, timeout=0)
         if ready:
             self._record_failure(ready[0])
-            raise WorkerGroupError(self._failure)
+            raise WorkerGroupError(self._failure or "the worker group was shut down")
 
     def _require_usable(self) -> None:
         if self._failure is not None:
@@ -365,14 +409,10 @@ class WorkerGroup:
                 cause = "its actor stopped"
             except Exception as err:  # noqa: BLE001 - any error means the rank is gone
                 cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            self._failure = (f"worker group failed: {self.ranks[rank].describe()} died ({cause}); "
-                             "the group cannot continue, start a new one")
-            log.error(self._failure)
-        # The survivors' process group is broken: kill them so calls in flight fail now
+        # The survivors' process group is broken: kill them (fail) so calls in flight fail now
         # rather than at the collective timeout.
-        self._kill_all()
-        if self.on_failure is not None:
-            self.on_failure(self._failure)
+        self.fail(f"worker group failed: {self.ranks[rank].describe()} died ({cause}); "
+                  "the group cannot continue, start a new one")
 
     @property
     def failure(self) -> str | None:

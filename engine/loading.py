@@ -130,6 +130,22 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def match_prefix(prefix: str) -> Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A `fit_keys` that adds or strips `prefix` so the checkpoint keys agree with the module's
+    (transformers 5.2x flattened `CLIPVisionModel.vision_model.*` to the top level)."""
+
+    def fit(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        want = any(k.startswith(prefix) for k in module.state_dict().keys())
+        have = any(k.startswith(prefix) for k in state_dict)
+        if want and not have:
+            return {prefix + k: v for k, v in state_dict.items()}
+        if have and not want:
+            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+        return state_dict
+
+    return fit
+
+
 def keeps_fp32(key: str, keep_in_fp32: tuple[str, ...]) -> bool:
     """Whether a state-dict key lies in a module kept in float32 (a name part matches, as diffusers)."""
     parts = key.split(".")
@@ -150,17 +166,21 @@ def build_module(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     keep_in_fp32: tuple[str, ...] = (),
+    fit_keys: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> M:
     """Build `factory()` with meta parameters and assign the checkpoint's tensors (strict).
 
     Tensors are cast (`keep_in_fp32` modules stay float32) and moved to `device` one at a time,
-    so at most one extra copy of a tensor exists at once. Returns the module in eval mode,
+    so at most one extra copy of a tensor exists at once. `fit_keys(module, state_dict)` may adapt
+    the keys to the built module first (e.g. a prefix that differs between library versions). Returns the module in eval mode,
     without gradients (inference only).
     """
     device = torch.device(device)
     # 1. skeleton: parameters on meta, buffers real
     with params_on_meta():
         module = factory()
+    if fit_keys is not None:
+        state_dict = fit_keys(module, state_dict)
     # 2. cast + move the checkpoint tensors, releasing the CPU copies as we go
     ready: dict[str, torch.Tensor] = {}
     for key in list(state_dict):

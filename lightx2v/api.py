@@ -74,14 +74,10 @@ class LightX2V:
         path (output_path, or a new temp file); "np" -> float32 (frames, H, W, 3) in [0, 1];
         "latent" -> the final latents (C, F_lat, H_lat, W_lat).
         """
-        height, width = (None, None) if resolution is None else _resolution(resolution)
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image_file(os.fspath(image))
-        request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt, image=image, num_frames=video_length,
-            height=height, width=width, steps=steps, guidance_scale=guidance_scale, shift=shift,
-            sampler=sampler, seed=seed, fps=fps, latents=latents, output_type=output_type,
-        )
+        request = build_request(
+            prompt, negative_prompt=negative_prompt, image=image, video_length=video_length,
+            resolution=resolution, steps=steps, guidance_scale=guidance_scale, shift=shift,
+            sampler=sampler, seed=seed, fps=fps, latents=latents, output_type=output_type)
         result = self.pipeline.run(request, progress=progress, should_cancel=should_cancel)
         self.last_result = result
         if output_type == "latent":
@@ -96,6 +92,20 @@ class LightX2V:
         with open(path, "wb") as f:
             f.write(result.output.data)
         return path
+
+
+def build_request(prompt, negative_prompt=None, image=None, video_length=None, resolution=None,
+                  steps=None, guidance_scale=None, shift=None, sampler=None, seed=None, fps=None,
+                  latents=None, output_type="mp4") -> GenerationRequest:
+    """The request for `generate`'s arguments (opens an image path; validates)."""
+    height, width = (None, None) if resolution is None else _resolution(resolution)
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image_file(os.fspath(image))
+    return GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt, image=image, num_frames=video_length,
+        height=height, width=width, steps=steps, guidance_scale=guidance_scale, shift=shift,
+        sampler=sampler, seed=seed, fps=fps, latents=latents, output_type=output_type,
+    )
 
 
 def _resolution(resolution: Any) -> tuple[int, int]:

@@ -45,8 +45,24 @@ def generate_main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
+    from engine.loading import resolve_checkpoint
     from lightx2v import LightX2V
+    from lightx2v.api import build_request
+    from stages.request import describe_error
 
+    # 1. Validate the request against the model's spec before loading any weights.
+    kwargs = dict(
+        negative_prompt=args.negative_prompt, image=args.image, video_length=args.video_length,
+        resolution=args.size, steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
+        sampler=args.sampler, seed=args.seed, fps=args.fps,
+    )
+    try:
+        build_request(args.prompt, **kwargs).resolve(resolve_checkpoint(args.model).spec)
+    except (ValidationError, ValueError, OSError) as e:
+        print(f"error: {describe_error(e)}", file=sys.stderr)
+        return 2
+
+    # 2. Load.
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     t0 = time.perf_counter()
@@ -54,6 +70,7 @@ def generate_main(args: argparse.Namespace) -> int:
                                      attention=args.attention, quantization=args.quantization)
     load_s = time.perf_counter() - t0
 
+    # 3. Generate, with a progress bar over the denoising steps.
     bar = None
 
     def progress(step: int, total: int) -> None:
@@ -61,29 +78,21 @@ def generate_main(args: argparse.Namespace) -> int:
         if bar is None:
             bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr)
         bar.update(step - bar.n)
+        if step == total:
+            bar.close()
 
-    height, width = args.size if args.size else (None, None)
     try:
-        path = model.generate(
-            args.prompt, negative_prompt=args.negative_prompt, image=args.image,
-            video_length=args.video_length,
-            resolution=None if args.size is None else (height, width), steps=args.steps,
-            guidance_scale=args.guidance_scale, shift=args.shift, sampler=args.sampler,
-            seed=args.seed, fps=args.fps, output_type="mp4", output_path=args.output,
-            progress=progress,
-        )
-    except (ValidationError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        path = model.generate(args.prompt, **kwargs, output_type="mp4", output_path=args.output,
+                              progress=progress)
     finally:
         if bar is not None:
             bar.close()
 
-    result = model.last_result
-    req = result.request
+    # 4. Summary: what ran, and the time per stage.
+    req = model.last_result.request
     print(f"wrote {path}: {req.num_frames} frames, {req.width}x{req.height}, {req.fps} fps, "
           f"seed {req.seed}, {req.steps} steps ({req.sampler}), guidance {req.guidance_scale}")
-    print(format_timings({"load": load_s, **result.timings}))
+    print(format_timings({"load": load_s, **model.last_result.timings}))
     return 0
 
 

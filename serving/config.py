@@ -106,7 +106,9 @@ class AppArgs(_Strict):
     dit_worker_cls: str = "cluster:DiTWorker"
     """The worker class of the DiT group (one per rank)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments for engine_cls and dit_worker_cls (fakes take delays here)."""
+    """Extra keyword arguments for engine_cls (fakes take delays here)."""
+    dit_worker_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for dit_worker_cls's constructor (on every rank)."""
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":

@@ -103,13 +103,13 @@ class DiTGroup:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
-        _, checkpoint_path = import_object(self.args.engine_cls).resolve(self.args.model)
         worker_cls = import_object(self.args.dit_worker_cls)
         self.group = WorkerGroup(
             worker_cls, self.args.world_size,
             gpus_per_worker=self.args.dit.gpus_per_worker if self.args.use_gpus else 0.0)
-        self.group.start(**self.args.engine_kwargs)
-        self.group.get(self.group.call("load_model", checkpoint_path, self.args.engine_options()))
+        self.group.start(**self.args.dit_worker_kwargs)
+        self.group.get(self.group.call("load_model", self.args.model, self.args.engine_options()))
+        self.group.get(self.group.call("warm_up"))
         self._lock = asyncio.Lock()
         self._poll_s = self.args.dit.progress_poll_s
 
@@ -130,8 +130,9 @@ class DiTGroup:
                                                     return_when=asyncio.FIRST_EXCEPTION)
                     if not pending or any(f.done() and f.exception() for f in futures):
                         break
-                    step = await self.group.call_rank(0, "progress", job_id)
-                    if step is not None and step > last:
+                    progress = await self.group.call_rank(0, "progress", job_id)
+                    step = progress["step"] if progress is not None else 0
+                    if step > last:
                         last = step
                         yield DenoiseProgress(step, request.steps)
                 # 3. Raise a rank's error here (also the cancellation of a worker), not in the decoder.

@@ -1,10 +1,11 @@
 """Fake stages and a fake DiT worker with the real interfaces, for tests of the serving logic
 (overlap timing, back-pressure, cancellation) without models.
 
-Inject them through `AppArgs`: `engine_cls="serving.fakes:FakeStageEngine"`,
-`dit_worker_cls="serving.fakes:FakeDiTWorker"`, and `engine_kwargs` with the delays and a
-`timeline` file. Every stage call appends one JSON line `{"stage", "prompt", "start", "end"}`
-to that file (wall-clock seconds), so a test can see which stages overlapped.
+Inject them through `AppArgs`: `engine_cls="serving.fakes:FakeStageEngine"` with
+`engine_kwargs={"text_s", "image_s", "decode_s", "timeline"}`, and
+`dit_worker_cls="serving.fakes:FakeDiTWorker"` with `dit_worker_kwargs={"step_s", "timeline"}`.
+Every stage call appends one JSON line `{"stage", "prompt", "start", "end"}` to that file
+(wall-clock seconds), so a test can see which stages overlapped.
 """
 from __future__ import annotations
 
@@ -53,8 +54,7 @@ class FakeStageEngine:
     """`StageEngine` with sleeping stages that return payloads of the right types."""
 
     def __init__(self, model: str, options: EngineOptions, *, text_s: float = 0.0,
-                 image_s: float = 0.0, step_s: float = 0.0, decode_s: float = 0.0,
-                 timeline: str | None = None) -> None:
+                 image_s: float = 0.0, decode_s: float = 0.0, timeline: str | None = None) -> None:
         self.delays = {"text": text_s, "image": image_s, "decode": decode_s}
         self.timeline = timeline
 
@@ -81,8 +81,7 @@ class FakeStageEngine:
 class FakeDiTWorker:
     """The DiT worker interface (cluster.DiTWorker) with a sleeping denoise loop."""
 
-    def __init__(self, *, text_s: float = 0.0, image_s: float = 0.0, step_s: float = 0.0,
-                 decode_s: float = 0.0, timeline: str | None = None) -> None:
+    def __init__(self, *, step_s: float = 0.0, timeline: str | None = None) -> None:
         self.step_s = step_s
         self.timeline = timeline
         self._progress: dict[str, int] = {}
@@ -93,8 +92,11 @@ class FakeDiTWorker:
     def init_device(self, ctx) -> None:
         self.rank = ctx.rank
 
-    def load_model(self, checkpoint_path: str, options: EngineOptions) -> None:
+    def load_model(self, checkpoint: str, options: EngineOptions) -> None:
         pass
+
+    def warm_up(self) -> float:
+        return 0.0
 
     def denoise(self, request: ResolvedRequest, text: TextEmbeds, image: ImageCond | None,
                 *, job_id: str) -> Latents | None:
@@ -117,9 +119,10 @@ class FakeDiTWorker:
             return Latents(latents=torch.zeros(request.latent_shape))
         return None
 
-    def progress(self, job_id: str) -> int | None:
+    def progress(self, job_id: str) -> dict | None:
         with self._lock:
-            return self._progress.get(job_id)
+            step = self._progress.get(job_id)
+        return None if step is None else {"step": step, "total": None}
 
     def cancel(self, job_id: str) -> None:
         with self._lock:

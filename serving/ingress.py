@@ -60,6 +60,8 @@ class Ingress:
             log.warning("marked %d interrupted jobs failed: %s", len(interrupted), interrupted)
         self._text, self._image, self._dit, self._decoder = text, image, dit, decoder
         self._tasks: dict[str, asyncio.Task] = {}
+        self.busy_retries = 0
+        """How often a job found a stage queue full and retried (exposed on /health)."""
 
     # ------------------------------------------------------------------ handle API (and HTTP)
     async def submit(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +141,7 @@ class Ingress:
                 except BackPressureError:
                     if time.monotonic() + backoff > deadline:
                         raise
+                    self.busy_retries += 1
                     log.info("job %s: a stage queue is full, retrying in %.1f s", job_id, backoff)
                     await asyncio.sleep(backoff * (1 + random.random()))
                     backoff = min(backoff * 2, 10.0)
@@ -275,7 +278,8 @@ def build_http_app(ingress: Ingress) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "pending_jobs": len(ingress._tasks)}
+        return {"status": "ok", "pending_jobs": len(ingress._tasks),
+                "busy_retries": ingress.busy_retries}
 
     return app
 

@@ -52,6 +52,20 @@ class RequestError(ValueError):
         self.message = message
 
 
+def describe_error(error: Exception) -> str:
+    """One line per problem, "field: message", for a ValidationError or RequestError."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        lines = []
+        for e in error.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "request"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(msg if msg.startswith(field) else f"{field}: {msg}")
+        return "\n".join(lines)
+    return str(error)
+
+
 # ----------------------------------------------------------------------------- images
 
 

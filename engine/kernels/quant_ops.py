@@ -87,7 +87,7 @@ def _int8_gemm_kernel(A, B, SA, SB, BIAS, C, M, N, K,
             kmask = (k0 + offs_k) < K
             a = tl.load(a_ptr, mask=kmask[None, :], other=0)
             b = tl.load(b_ptr, mask=kmask[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K
     # 3. epilogue: scales, bias, cast, store

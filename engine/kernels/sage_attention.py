@@ -4,7 +4,9 @@
   2. quantize Q per block of BLOCK_M tokens and K per block of BLOCK_N tokens (per batch and head)
      to INT8 with one float32 scale each; the softmax scale and log2(e) are folded into Q's scale;
   3. flash-attention loop: S = (Q_i8 · K_i8^T) in int32 * scale_q * scale_k, online softmax in
-     base 2, P cast to V's dtype (bf16/fp16) and accumulated as P·V in float32.
+     base 2, P cast to V's dtype (bf16/fp16) and accumulated as P·V in float32;
+     or, with `pv_fp8=True` (as SageAttention2), V quantized to FP8 e4m3 per channel (over all
+     tokens) and P scaled by 448 into FP8, so P·V also runs on the 8-bit tensor cores.
 
 Self-contained (only torch and triton) so tests can load it fresh with TRITON_INTERPRET=1.
 Layout in and out: (B, L, H, D), as engine.attention's backends take.
@@ -48,18 +50,45 @@ def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
 
 
 @triton.jit
+def _quant_v_fp8_kernel(X, VS, VT, L, H, LP, stride_xb, stride_xl, stride_xh,
+                        BLOCK: tl.constexpr, D: tl.constexpr):
+    """V (B, L, H, D) / scale[b, h, d] -> FP8 e4m3, stored transposed (B*H, D, LP)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_l = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    mask = offs_l[:, None] < L
+    x = tl.load(X + b.to(tl.int64) * stride_xb + h * stride_xh + offs_l.to(tl.int64)[:, None] * stride_xl
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = x / tl.load(VS + bh * D + offs_d)[None, :]
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    tl.store(VT + bh.to(tl.int64) * D * LP + offs_d[None, :] * LP + offs_l[:, None],
+             y.to(tl.float8e4nv), mask=mask)
+
+
+@triton.jit
 def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
-                offs_n, offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr):
-    """One K/V block of the online softmax."""
+                offs_n, offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
+                PV_FP8: tl.constexpr):
+    """One K/V block of the online softmax (V: (L, D) rows of stride stride_vl, or with PV_FP8
+    the FP8 transpose (D, L) with row stride stride_vl)."""
     cols = start_n + offs_n
     if MASK:
         k = tl.load(K + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
                     mask=cols[:, None] < LK, other=0)
-        v = tl.load(V + cols.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
-                    mask=cols[:, None] < LK, other=0.0)
+        if PV_FP8:
+            v = tl.load(V + offs_d[:, None] * stride_vl + cols[None, :], mask=cols[None, :] < LK, other=0.0)
+        else:
+            v = tl.load(V + cols.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
+                        mask=cols[:, None] < LK, other=0.0)
     else:
         k = tl.load(K + cols.to(tl.int64)[:, None] * D + offs_d[None, :])
-        v = tl.load(V + cols.to(tl.int64)[:, None] * stride_vl + offs_d[None, :])
+        if PV_FP8:
+            v = tl.load(V + offs_d[:, None] * stride_vl + cols[None, :])
+        else:
+            v = tl.load(V + cols.to(tl.int64)[:, None] * stride_vl + offs_d[None, :])
     k_scale = tl.load(KS + start_n // BLOCK_N)
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * (q_scale * k_scale)     # (BM, BN), log2 units
     if MASK:
@@ -69,15 +98,20 @@ def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
+    if PV_FP8:
+        acc = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _sage_fwd_kernel(QQ, QS, KQ, KS, V, O, LQ, LK, H,
+def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """One program per (block of BLOCK_M queries, batch*head)."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                     PV_FP8: tl.constexpr):
+    """One program per (block of BLOCK_M queries, batch*head). PV_FP8: V is the FP8 transpose
+    (B*H, D, LP) (stride_vb = D * LP, stride_vl = LP, stride_vh = 0) with scales VS (B*H, D)."""
     # 1. this program's queries (int8) and their scale
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -91,7 +125,10 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, O, LQ, LK, H,
     q_scale = tl.load(QS + bh * tl.cdiv(LQ, BLOCK_M) + pid_m)
     K = KQ + bh.to(tl.int64) * LK * D
     KS_h = KS + bh * tl.cdiv(LK, BLOCK_N)
-    V_h = V + b.to(tl.int64) * stride_vb + h * stride_vh
+    if PV_FP8:
+        V_h = V + bh.to(tl.int64) * stride_vb
+    else:
+        V_h = V + b.to(tl.int64) * stride_vb + h * stride_vh
     # 2. online softmax over the full K/V blocks, then the masked tail
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -99,12 +136,14 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, O, LQ, LK, H,
     n_full = (LK // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, start_n, LK, stride_vl,
-                                    offs_n, offs_d, BLOCK_N, D, False)
+                                    offs_n, offs_d, BLOCK_N, D, False, PV_FP8)
     if n_full < LK:
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, n_full, LK, stride_vl,
-                                    offs_n, offs_d, BLOCK_N, D, True)
+                                    offs_n, offs_d, BLOCK_N, D, True, PV_FP8)
     # 3. normalise and store (B, L, H, D)
     out = acc / l_i[:, None]
+    if PV_FP8:
+        out = out * (tl.load(VS + bh * D + offs_d) / 448.0)[None, :]
     o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh \
         + offs_m.to(tl.int64)[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
@@ -112,9 +151,13 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, O, LQ, LK, H,
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default.
 SAGE_CONFIGS: list[tuple[int, int, int, int]] = [
-    (128, 64, 4, 3),
     (128, 128, 8, 3),
-    (128, 64, 8, 4),
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 128, 4, 3),
+    (128, 64, 4, 4),
+    (64, 128, 4, 3),
     (64, 64, 4, 3),
 ]
 _sage_config: list[tuple[int, int, int, int]] = [SAGE_CONFIGS[0]]
@@ -140,8 +183,22 @@ def quantize_blocks(x: torch.Tensor, block: int, scale_mul: float = 1.0,
     return xq, scale
 
 
+def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H, D) -> FP8 transpose (B*H, D, LP) (LP: L padded to 16 for aligned rows) and
+    per-channel scales (B*H, D) float32 (amax over all tokens / 448)."""
+    bsz, seq, heads, dim = v.shape
+    scale = (v.abs().amax(dim=1).float() / 448.0).clamp_min(1e-12)          # (B, H, D)
+    scale = scale.reshape(bsz * heads, dim).contiguous()
+    lp = triton.cdiv(seq, 16) * 16
+    vt = torch.empty((bsz * heads, dim, lp), device=v.device, dtype=torch.float8_e4m3fn)
+    block = 64
+    _quant_v_fp8_kernel[(triton.cdiv(seq, block), bsz * heads)](
+        v, scale, vt, seq, heads, lp, v.stride(0), v.stride(1), v.stride(2), BLOCK=block, D=dim, num_warps=4)
+    return vt, scale
+
+
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                   config: tuple[int, int, int, int] | None = None, pv_fp8: bool = False) -> torch.Tensor:
     """Quantized attention, q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in v's dtype.
 
     No mask, not causal (the DiT's attention needs neither).
@@ -158,11 +215,17 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # 2. per-block INT8 Q (softmax scale and log2 e folded in) and K
     q_q, q_s = quantize_blocks(q, bm, scale_mul=LOG2E / math.sqrt(dim))
     k_q, k_s = quantize_blocks(k, bn, mean=k_mean)
-    # 3. attention
+    # 3. (pv_fp8) V to FP8 per channel, transposed so P·V reads K-major tiles
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
+    if pv_fp8:
+        v_in, v_s = quantize_v_fp8(v)
+        v_strides = (v_in.stride(0), v_in.stride(1), 0)
+    else:
+        v_in, v_s = v, q_s  # (no V scales)
+        v_strides = (v.stride(0), v.stride(1), v.stride(2))
+    # 4. attention
     grid = (triton.cdiv(seq, bm), bsz * heads)
-    _sage_fwd_kernel[grid](q_q, q_s, k_q, k_s, v, out, seq, seq_k, heads,
-                           v.stride(0), v.stride(1), v.stride(2),
+    _sage_fwd_kernel[grid](q_q, q_s, k_q, k_s, v_in, v_s, out, seq, seq_k, heads, *v_strides,
                            out.stride(0), out.stride(1), out.stride(2),
-                           BLOCK_M=bm, BLOCK_N=bn, D=dim, num_warps=warps, num_stages=stages)
+                           BLOCK_M=bm, BLOCK_N=bn, D=dim, PV_FP8=pv_fp8, num_warps=warps, num_stages=stages)
     return out

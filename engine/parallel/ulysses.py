@@ -141,7 +141,7 @@ class UlyssesAttention(nn.Module):
         # 1. all-to-all: this rank's tokens of all heads -> all tokens of this rank's heads
         qkv = _seq_to_heads(torch.stack([q, k, v]), group)             # (3, B, L_pad, H/d, Dh)
         # 2. attention over the real tokens only (padding must not act as keys)
-        out = self.inner(*qkv.unbind(0))[:, :tokens]                 # (B, L, H/d, Dh)
+        out = self.inner(*qkv[:, :, :tokens].unbind(0))                 # (B, L, H/d, Dh)
         out = F.pad(out, (0, 0, 0, 0, 0, padded - tokens))             # (B, L_pad, H/d, Dh)
         # 3. all-to-all back: this rank's tokens of all heads
         return _heads_to_seq(out, group)                                # (B, L_local, H, Dh)

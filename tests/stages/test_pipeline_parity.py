@@ -39,6 +39,18 @@ def diffusers_scheduler(ckpt_dir: str, shift: float):
     return UniPCMultistepScheduler.from_pretrained(os.path.join(ckpt_dir, "scheduler"), flow_shift=shift)
 
 
+def diffusers_transformer(ckpt_dir: str):
+    """diffusers' DiT from the checkpoint's transformer/ folder. (`from_pretrained` of this class
+    needs `accelerate` for its keep-in-fp32 loading path; config + strict state dict is the same.)"""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    folder = os.path.join(ckpt_dir, "transformer")
+    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    model.load_state_dict(load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")), strict=True)
+    return model.eval()
+
+
 def diffusers_call(pipe, output_type: str, seed: int = SEED, **extra):
     return pipe(
         prompt=PROMPT, negative_prompt=NEGATIVE, height=SETTINGS["height"], width=SETTINGS["width"],
@@ -87,8 +99,8 @@ def ours_t2v(t2v_dir):
 def ref_t2v(t2v_dir):
     from diffusers import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(t2v_dir)
-    pipe.scheduler = diffusers_scheduler(t2v_dir, SETTINGS["shift"])
+    pipe = WanPipeline.from_pretrained(t2v_dir, transformer=diffusers_transformer(t2v_dir),
+                                       scheduler=diffusers_scheduler(t2v_dir, SETTINGS["shift"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -103,8 +115,9 @@ def ours_i2v(tiny_wan_dir):
 def ref_i2v(tiny_wan_dir):
     from diffusers import WanImageToVideoPipeline
 
-    pipe = WanImageToVideoPipeline.from_pretrained(tiny_wan_dir)
-    pipe.scheduler = diffusers_scheduler(tiny_wan_dir, SETTINGS["shift"])
+    pipe = WanImageToVideoPipeline.from_pretrained(
+        tiny_wan_dir, transformer=diffusers_transformer(tiny_wan_dir),
+        scheduler=diffusers_scheduler(tiny_wan_dir, SETTINGS["shift"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -24,7 +24,10 @@ import torch
 
 Tensor = torch.Tensor
 
-_HF = "vision_model."
+HF_PREFIX = "vision_model."
+"""Prefix of the vision tower in `CLIPVisionModel` checkpoints (transformers >= 5.2x builds the
+module without it; the loader adds or strips it to match the installed version)."""
+_HF = HF_PREFIX
 _LAYER_KEYS: tuple[tuple[str, str], ...] = (
     ("norm1", "layer_norm1"),
     ("attn.proj", "self_attn.out_proj"),
@@ -81,7 +84,9 @@ def official_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def hf_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of `official_to_hf` for the vision tower (used to fabricate test checkpoints)."""
+    """Inverse of `official_to_hf` for the vision tower (used to fabricate test checkpoints).
+    Keys with or without the `vision_model.` prefix are accepted."""
+    state_dict = {k if k.startswith(_HF) else _HF + k: v for k, v in state_dict.items()}
     out: dict[str, Tensor] = {}
     layer_map = {hf: off for off, hf in _LAYER_KEYS}
     top_map = {hf: off for off, hf in _TOP_KEYS}

@@ -20,8 +20,8 @@ import re
 import torch
 
 from engine.loading import (
-    Checkpoint, Layout, OFFICIAL_WEIGHTS_STEM, build_module, read_json, read_pth, read_safetensors,
-    safetensors_files,
+    Checkpoint, Layout, OFFICIAL_WEIGHTS_STEM, build_module, match_prefix, read_json, read_pth,
+    read_safetensors, safetensors_files,
 )
 from engine.models.wan import keymap_clip, keymap_dit, keymap_t5
 from engine.models.wan.image_encoder import WanImageEncoder, clip_image_processor_cls
@@ -238,9 +238,10 @@ class WanFamily:
             config = CLIPVisionConfig(**keymap_clip.infer_clip_vision_config(official))
             state_dict = keymap_clip.official_to_hf(official)
             processor = make_clip_processor(config.image_size)
-        state_dict.pop("vision_model.embeddings.position_ids", None)  # a buffer, rebuilt in __init__
+        for key in [k for k in state_dict if k.endswith("embeddings.position_ids")]:
+            del state_dict[key]  # a buffer that older files carry; rebuilt in __init__
         model = build_module(lambda: CLIPVisionModel(config), state_dict, dtype=options.torch_dtype,
-                             device=options.torch_device)
+                             device=options.torch_device, fit_keys=match_prefix(keymap_clip.HF_PREFIX))
         return WanImageEncoder(model, processor)
 
 

@@ -7,20 +7,17 @@ embeddings after each prompt's valid tokens.
 from __future__ import annotations
 
 import html
-import logging
 import re
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def _fix_text(text: str) -> str:
     """ftfy.fix_text when ftfy is installed (it is optional at run time), else the text as is."""
     try:
         import ftfy
-    except ImportError:  # pragma: no cover - depends on the environment
+    except ImportError:
         return text
     return ftfy.fix_text(text)
 

@@ -47,9 +47,9 @@ QK_NORMS = ("rms_norm_across_heads",)
 # Config
 
 
-@dataclass
+@dataclass(frozen=True)
 class WanDiTConfig:
-    """Architecture of a Wan DiT. Field names equal diffusers' `config.json` keys."""
+    """Architecture of a Wan DiT. Field names equal diffusers' `config.json` keys. Frozen."""
 
     num_attention_heads: int = 40
     """Attention heads; model width D = heads * attention_head_dim."""
@@ -85,7 +85,7 @@ class WanDiTConfig:
     """Learned position embedding of the image tokens (FLF2V: 2 * 257); None: none."""
 
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))  # JSON gives a list
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints (t, h, w), got {self.patch_size}")
         for name in ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels",

@@ -26,12 +26,14 @@ is at the bottom of this file.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from engine.options import EngineOptions
 
 CACHE_T = 2
 """Past frames a temporal-kernel-3 causal conv needs from the previous chunk."""
@@ -553,6 +555,150 @@ class WanVAE(nn.Module):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last_3d
         return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled decode: bounded memory, and tiles that can be spread over ranks
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileRegion:
+    """One spatial tile of the latent: rows [h0, h1), columns [w0, w1) (latent pixels).
+
+    `ramp_h`/`ramp_w` are the overlaps (latent pixels) with the previous and the next tile along
+    that axis (0 at the image border); the tile's blend weight ramps linearly across them.
+    """
+
+    h0: int
+    h1: int
+    w0: int
+    w1: int
+    ramp_h: tuple[int, int] = (0, 0)
+    ramp_w: tuple[int, int] = (0, 0)
+
+
+def _plan_axis(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Equal spans of at most `tile` covering [0, length), neighbours overlapping >= `overlap`."""
+    if length <= tile:
+        return [(0, length)]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    size = math.ceil((length + (n - 1) * overlap) / n)  # <= tile
+    starts = [k * (length - size) // (n - 1) for k in range(n)]
+    return [(s, s + size) for s in starts]
+
+
+def plan_tiles(latent_hw: tuple[int, int], tile_latent: tuple[int, int] = (32, 32),
+               overlap_latent: tuple[int, int] = (8, 8)) -> list[TileRegion]:
+    """Cover a (h, w) latent with overlapping tiles, row-major. Pure and deterministic, so every
+    rank computes the same plan. Defaults: 256-px tiles with 64-px overlaps (as diffusers)."""
+    for name, (tile, overlap) in {"h": (tile_latent[0], overlap_latent[0]),
+                                  "w": (tile_latent[1], overlap_latent[1])}.items():
+        if not 0 <= overlap < tile:
+            raise ValueError(f"tile/overlap along {name} must satisfy 0 <= overlap < tile, got "
+                             f"tile_latent={tile}, overlap_latent={overlap}")
+    rows = _plan_axis(latent_hw[0], tile_latent[0], overlap_latent[0])
+    cols = _plan_axis(latent_hw[1], tile_latent[1], overlap_latent[1])
+
+    def ramps(spans: list[tuple[int, int]], k: int) -> tuple[int, int]:
+        before = spans[k - 1][1] - spans[k][0] if k > 0 else 0
+        after = spans[k][1] - spans[k + 1][0] if k + 1 < len(spans) else 0
+        return before, after
+
+    return [
+        TileRegion(h0, h1, w0, w1, ramps(rows, i), ramps(cols, j))
+        for i, (h0, h1) in enumerate(rows)
+        for j, (w0, w1) in enumerate(cols)
+    ]
+
+
+def decode_tile(vae: WanVAE, latents: Tensor, region: TileRegion) -> Tensor:
+    """Decode one spatial tile over all frames (a normal causal decode of the cropped latent).
+    Returns raw, unclamped pixels (B, 3, F', 8 (h1 - h0), 8 (w1 - w0)) for `blend`."""
+    return vae.decode(latents[..., region.h0:region.h1, region.w0:region.w1], clamp=False)
+
+
+class TileBlender:
+    """Accumulates decoded tiles with linear-ramp weights (float32), then normalises and clamps.
+
+    Weights along an axis rise from ~0 to 1 across the overlap with the previous tile and fall
+    across the overlap with the next one; neighbours' ramps sum to 1, and the final division by
+    the summed weights makes any arrangement exact.
+    """
+
+    def __init__(self, latent_hw: tuple[int, int], spatial_scale: int = 8) -> None:
+        self.scale = spatial_scale
+        self.hw = (latent_hw[0] * spatial_scale, latent_hw[1] * spatial_scale)
+        self._sum: Tensor | None = None  # (B, C, F, H, W) float32
+        self._weight: Tensor | None = None  # (H, W) float32
+        self._dtype = torch.float32
+
+    def add(self, region: TileRegion, pixels: Tensor) -> None:
+        s = self.scale
+        if self._sum is None:
+            b, c, f = pixels.shape[:3]
+            self._sum = torch.zeros((b, c, f, *self.hw), dtype=torch.float32, device=pixels.device)
+            self._weight = torch.zeros(self.hw, dtype=torch.float32, device=pixels.device)
+            self._dtype = pixels.dtype
+        wh = _ramp(pixels.shape[-2], region.ramp_h[0] * s, region.ramp_h[1] * s, pixels.device)
+        ww = _ramp(pixels.shape[-1], region.ramp_w[0] * s, region.ramp_w[1] * s, pixels.device)
+        weight = wh[:, None] * ww[None, :]  # (h, w)
+        rows, cols = slice(region.h0 * s, region.h1 * s), slice(region.w0 * s, region.w1 * s)
+        self._sum[..., rows, cols].add_(pixels.float() * weight)
+        self._weight[rows, cols].add_(weight)
+
+    def result(self) -> Tensor:
+        """The blended video (B, C, F, H, W), clamped to [-1, 1], in the tiles' dtype."""
+        if self._sum is None:
+            raise ValueError("no tiles were added")
+        if not bool((self._weight > 0).all()):
+            raise ValueError("the tiles do not cover the whole latent")
+        return (self._sum / self._weight).clamp_(-1.0, 1.0).to(self._dtype)
+
+
+def _ramp(n: int, before: int, after: int, device: torch.device) -> Tensor:
+    """(n,) weights: (i + 0.5) / before over the first `before`, mirrored over the last `after`."""
+    w = torch.ones(n, dtype=torch.float32, device=device)
+    if before:
+        w[:before] *= (torch.arange(before, dtype=torch.float32, device=device) + 0.5) / before
+    if after:
+        w[n - after:] *= (torch.arange(after, 0, -1, dtype=torch.float32, device=device) - 0.5) / after
+    return w
+
+
+def blend(pieces: Sequence[tuple[TileRegion, Tensor]], latent_hw: tuple[int, int],
+          spatial_scale: int = 8) -> Tensor:
+    """Blend decoded tiles [(region, decode_tile(...)), ...] into the video (B, 3, F', H, W)."""
+    blender = TileBlender(latent_hw, spatial_scale)
+    for region, pixels in pieces:
+        blender.add(region, pixels)
+    return blender.result()
+
+
+def tiled_decode(vae: WanVAE, latents: Tensor, tile_latent: tuple[int, int] = (32, 32),
+                 overlap_latent: tuple[int, int] = (8, 8)) -> Tensor:
+    """`vae.decode` in overlapping spatial tiles: peak activation memory is that of one tile.
+
+    Equals the plain decode up to the tiles' border effects, which the linear blend hides (the
+    test measures it). To spread the work over ranks (e.g. a DiT group decoding one video):
+        regions = plan_tiles(latents.shape[-2:], tile, overlap)        # same on every rank
+        mine = [(i, decode_tile(vae, latents, regions[i])) for i in range(rank, len(regions), world)]
+        # gather `mine` on rank 0 (e.g. torch.distributed.gather_object, or pad + gather), then
+        video = blend([(regions[i], pixels) for i, pixels in gathered], latents.shape[-2:],
+                      vae.config.spatial_scale)                        # rank 0 only
+    `blend` accepts the tiles in any order; for bounded memory on rank 0, feed a `TileBlender`
+    tile by tile instead of holding all of them.
+    """
+    latent_hw = (latents.shape[-2], latents.shape[-1])
+    blender = TileBlender(latent_hw, vae.config.spatial_scale)
+    for region in plan_tiles(latent_hw, tile_latent, overlap_latent):
+        blender.add(region, decode_tile(vae, latents, region))
+    return blender.result()
+
+
+def decode_latents(vae: WanVAE, latents: Tensor, options: EngineOptions) -> Tensor:
+    """The decode `EngineOptions.vae_tiling` selects: tiled (bounded memory) or plain."""
+    return tiled_decode(vae, latents) if options.vae_tiling else vae.decode(latents)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""One rank of the DiT worker group: the denoise stage with the parallel engine applied.
+
+Lifecycle (vLLM-style), each step a collective call over the group (`WorkerGroup.call`):
+
+    init_device(ctx)             the group calls it in start(): rank, device, backend
+    load_model(checkpoint, opts) load the DiT on this rank's device, build the cfg x ulysses mesh,
+                                 swap in the parallel modules, build the DenoiseStage
+    warm_up()                    one guided forward at a tiny size (first-call costs, collectives)
+    denoise(request, text, image_cond, job_id)
+                                 all ranks run the sampler loop; rank 0 returns the Latents,
+                                 the others None
+    cancel(job_id) / progress(job_id)
+                                 answered while denoise runs (the group's actors are threaded)
+    check_health() / shutdown()
+
+Cancellation is agreed: before every step each rank contributes its local flag to an all-reduce
+(max), so all ranks stop at the same step and none is left waiting in a collective. A cancel that
+arrives before its job starts is kept until the job runs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from cluster.worker_group import WorkerContext
+from engine.options import EngineOptions
+
+if TYPE_CHECKING:
+    from engine.loading import Checkpoint
+    from stages.payloads import ImageCond, Latents, TextEmbeds
+    from stages.request import GenerationRequest, ResolvedRequest
+
+log = logging.getLogger(__name__)
+
+_MAX_REMEMBERED = 1024
+"""Cancel flags / progress entries kept for jobs that have not run (oldest dropped)."""
+
+
+class DiTWorker:
+    """See the module docstring. Built by `WorkerGroup.start()` on every rank."""
+
+    def __init__(self) -> None:
+        self.ctx: WorkerContext | None = None
+        self.device = torch.device("cpu")
+        self.options: EngineOptions | None = None
+        self.spec = None
+        self.stage = None
+        self.predictor = None
+        self._run_lock = threading.Lock()        # one denoise at a time on this rank
+        self._state_lock = threading.Lock()      # cancel flags and progress
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._progress: OrderedDict[str, dict] = OrderedDict()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def init_device(self, ctx: WorkerContext) -> None:
+        """Remember this rank's place; the group already chose and set the device."""
+        self.ctx = ctx
+        self.device = torch.device(ctx.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def load_model(self, checkpoint: "str | Checkpoint", options: EngineOptions) -> dict:
+        """Load the DiT from `checkpoint` (registry name, local folder or `Checkpoint`) with
+        `options` on this rank's device; apply the parallel config. Returns a short summary."""
+        from engine.families import get_family
+        from engine.loading import resolve_checkpoint
+        from engine.parallel import apply_parallel, check_parallel_config, init_mesh
+        from stages.denoise import DenoiseStage
+
+        ctx = self._require_ctx()
+        if options.parallel.world_size != ctx.world_size:
+            raise ValueError(
+                f"options.parallel (cfg={options.parallel.cfg} x ulysses={options.parallel.ulysses}"
+                f" = {options.parallel.world_size}) does not match the group's {ctx.world_size} ranks")
+        options = options.with_(device=self._rank_device(options))
+        ckpt = resolve_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+        start = time.perf_counter()
+        transformer = get_family(ckpt.spec.family).load_transformer(ckpt, options)
+        check_parallel_config(transformer, options.parallel.ulysses)   # before any collective
+        mesh = init_mesh(options.parallel, options.device)
+        self.predictor = apply_parallel(transformer, mesh)
+        self.stage = DenoiseStage(transformer, options, predictor=self.predictor)
+        self.options, self.spec = options, ckpt.spec
+        return {"rank": ctx.rank, "device": options.device, "model": ckpt.spec.name,
+                "load_s": round(time.perf_counter() - start, 3)}
+
+    def _rank_device(self, options: EngineOptions) -> str:
+        """The device this rank runs on: the group's choice, unless the options ask for CPU."""
+        ctx = self._require_ctx()
+        wants_cuda = options.torch_device.type == "cuda"
+        if wants_cuda and self.device.type != "cuda":
+            raise RuntimeError(
+                f"options.device={options.device!r} but rank {ctx.rank} has no CUDA GPU "
+                f"(group backend {ctx.backend}, GPUs {ctx.gpu_ids or 'none'}); use device='cpu' "
+                "or give the group real GPUs")
+        if not wants_cuda and ctx.backend == "nccl":
+            raise RuntimeError(f"options.device={options.device!r} cannot run over NCCL; "
+                               "use a CUDA device or a gloo group (gpus_per_worker=0)")
+        return str(self.device) if wants_cuda else options.device
+
+    def warm_up(self) -> float:
+        """One guided forward at a tiny size on every rank (exercises the collectives). Seconds."""
+        stage = self._require_stage()
+        config = stage.transformer.config
+        pt, ph, pw = config.patch_size
+        dtype = self.options.torch_dtype
+        x = torch.zeros(1, config.in_channels, pt, 2 * ph, 2 * pw, device=self.device, dtype=dtype)
+        t = torch.full((1,), 500.0, device=self.device)
+        context = torch.zeros(1, self.spec.text_len, config.text_dim, device=self.device, dtype=dtype)
+        image = None
+        if config.image_dim is not None:
+            image = torch.zeros(1, 257, config.image_dim, device=self.device, dtype=dtype)
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.predictor(x, t, context, context, 5.0, image)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def denoise(self, request: "ResolvedRequest | GenerationRequest", text_embeds: "TextEmbeds",
+                image_cond: "ImageCond | None", job_id: str) -> "Latents | None":
+        """Run the sampler loop on every rank; rank 0 returns the Latents, the others None.
+        Raises `stages.base.Cancelled` on every rank when the job was cancelled."""
+        from stages.request import GenerationRequest
+
+        stage = self._require_stage()
+        if isinstance(request, GenerationRequest):
+            request = request.resolve(self.spec)
+        with self._run_lock:
+            self._set_progress(job_id, 0, request.steps)
+            try:
+                latents = stage(request, text_embeds, image_cond,
+                                progress=lambda done, total: self._set_progress(job_id, done, total),
+                                should_cancel=lambda: self._agreed_cancel(job_id))
+            finally:
+                with self._state_lock:
+                    self._cancelled.pop(job_id, None)
+        return latents if self._require_ctx().rank == 0 else None
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the job to stop before its next step (or not to start)."""
+        with self._state_lock:
+            self._cancelled[job_id] = None
+            while len(self._cancelled) > _MAX_REMEMBERED:
+                self._cancelled.popitem(last=False)
+
+    def progress(self, job_id: str) -> dict | None:
+        """{"step": done, "total": steps} of a job this rank has started, else None."""
+        with self._state_lock:
+            entry = self._progress.get(job_id)
+            return dict(entry) if entry is not None else None
+
+    def check_health(self) -> dict:
+        """Raises if this rank cannot work (device lost); returns a short status."""
+        ctx = self._require_ctx()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)   # raises on a sticky CUDA error
+        return {"rank": ctx.rank, "device": str(self.device), "loaded": self.stage is not None}
+
+    def shutdown(self) -> None:
+        """Drop the model (the group destroys the process group afterwards)."""
+        self.stage = self.predictor = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _agreed_cancel(self, job_id: str) -> bool:
+        """Whether any rank saw a cancel for the job: all ranks agree (one tiny all-reduce)."""
+        with self._state_lock:
+            flag = job_id in self._cancelled
+        if self._require_ctx().world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _set_progress(self, job_id: str, done: int, total: int) -> None:
+        with self._state_lock:
+            self._progress[job_id] = {"step": done, "total": total}
+            self._progress.move_to_end(job_id)
+            while len(self._progress) > _MAX_REMEMBERED:
+                self._progress.popitem(last=False)
+
+    def _require_ctx(self) -> WorkerContext:
+        if self.ctx is None:
+            raise RuntimeError("DiTWorker: init_device(ctx) was not called (start it in a WorkerGroup)")
+        return self.ctx
+
+    def _require_stage(self) -> Any:
+        if self.stage is None:
+            raise RuntimeError("DiTWorker: no model loaded; call load_model(checkpoint, options) first")
+        return self.stage

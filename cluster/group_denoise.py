@@ -1,0 +1,98 @@
+"""The denoise stage of an in-process pipeline, run on a DiT worker group.
+
+`GroupDenoiseStage` stands in for `stages.DenoiseStage` inside `stages.pipeline.LocalPipeline`
+(same call: `stage(request, text, image, timings=, progress=, should_cancel=) -> Latents`) when
+the engine options ask for more than one rank: the library (`LightX2V.from_pretrained(...,
+parallel={"cfg": 2, "ulysses": 2})`) and the CLI use it; the service's `DiTGroup` deployment drives
+a `WorkerGroup` itself.
+
+It starts Ray locally when no Ray instance is connected, one worker per rank (one GPU each on
+CUDA, gloo on CPU), loads the DiT on every rank and warms it up. While a request runs it polls
+rank 0's progress for the callback and turns `should_cancel()` into a `cancel` on the group.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import ray
+
+from cluster.dit_worker import DiTWorker
+from cluster.worker_group import WorkerGroup
+from engine.options import EngineOptions
+
+if TYPE_CHECKING:
+    from engine.loading import Checkpoint
+    from stages.denoise import CancelFn, ProgressFn
+    from stages.payloads import ImageCond, Latents, TextEmbeds
+    from stages.request import ResolvedRequest
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+"""How often progress and should_cancel are checked while the group denoises."""
+
+
+def ensure_ray() -> None:
+    """Connect to Ray: an existing instance when one is running/connected, else a local one."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+class GroupDenoiseStage:
+    """Drop-in for `DenoiseStage` in a `LocalPipeline`; see the module docstring."""
+
+    name = "denoise"
+
+    def __init__(self, group: WorkerGroup, options: EngineOptions) -> None:
+        self.group = group
+        self.options = options
+
+    @classmethod
+    def start(cls, ckpt: "Checkpoint | str", options: EngineOptions,
+              timeout_s: float = 600) -> "GroupDenoiseStage":
+        """Start the group for `options.parallel`, load the DiT of `ckpt` on it, warm it up."""
+        ensure_ray()
+        gpus = 1.0 if options.torch_device.type == "cuda" else 0.0
+        group = WorkerGroup(DiTWorker, options.parallel.world_size, gpus_per_worker=gpus,
+                            timeout_s=timeout_s)
+        try:
+            group.start()
+            group.get(group.call("load_model", ckpt, options))
+            group.get(group.call("warm_up"))
+        except BaseException:
+            group.shutdown()
+            raise
+        log.info("DiT group ready: %s", "; ".join(r.describe() for r in group.ranks))
+        return cls(group, options)
+
+    def __call__(self, request: "ResolvedRequest", text: "TextEmbeds", image: "ImageCond | None" = None,
+                 *, timings: dict[str, float] | None = None, progress: "ProgressFn | None" = None,
+                 should_cancel: "CancelFn | None" = None) -> "Latents":
+        job_id = uuid.uuid4().hex
+        start = time.perf_counter()
+        refs = self.group.call("denoise", request, text, image, job_id)
+        last, cancel_sent = 0, False
+        while not ray.wait([refs[0]], timeout=POLL_S)[0]:
+            if should_cancel is not None and not cancel_sent and should_cancel():
+                self.group.call("cancel", job_id)
+                cancel_sent = True
+            if progress is not None:
+                p = self.group.get(self.group.call_rank(0, "progress", job_id))
+                if p is not None and p["step"] > last:
+                    last = p["step"]
+                    progress(last, p["total"])
+        latents = self.group.get(refs)[0]  # raises the workers' error (Cancelled, a dead rank)
+        if progress is not None and last < request.steps:
+            progress(request.steps, request.steps)
+        if timings is not None:
+            timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - start
+        return latents
+
+    def check_health(self) -> None:
+        self.group.check_health()
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
