@@ -331,21 +331,24 @@ class WorkerGroup:
         the group is failed (``fail``) so they stop now instead of at the process-group timeout.
         """
         if isinstance(refs, list) and len(refs) > 1:
-            self._wait_in_step(refs, timeout)
+            cause = self._wait_in_step(refs, timeout)
+            if cause is not None:
+                raise cause  # the error of the rank that left the step first
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.RayActorError as err:
             time.sleep(_MONITOR_POLL_S)  # let the monitor record which rank died first
             raise WorkerGroupError(self._failure or f"a worker of the group died: {err}") from err
 
-    def _wait_in_step(self, refs: list[ray.ObjectRef], timeout: float | None) -> None:
+    def _wait_in_step(self, refs: list[ray.ObjectRef], timeout: float | None) -> Exception | None:
+        """Wait for all refs; the first rank's error if the others stayed stuck (group failed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         failed_at: float | None = None
         checked: set[ray.ObjectRef] = set()
         while True:
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=_MONITOR_POLL_S)
             if not pending or (deadline is not None and time.monotonic() > deadline):
-                return
+                return None
             for ref in ready:
                 if ref in checked:
                     continue
@@ -360,7 +363,7 @@ class WorkerGroup:
                 self.fail(f"worker group failed: {self.ranks[rank].describe()} raised "
                           f"{type(cause).__name__} ({first_line}) while {len(pending)} other rank(s) "
                           "kept running; the ranks are out of step, start a new group")
-                return
+                return cause
 
     def fail(self, reason: str) -> None:
         """Mark the group failed and kill its workers (calls in flight fail at once)."""

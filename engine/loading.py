@@ -81,19 +81,47 @@ def safetensors_files(directory: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> list
     )
 
 
-def read_safetensors(path: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors` file, or of the (possibly sharded) model in a folder."""
-    from safetensors.torch import load_file
+class LazyTensor:
+    """A tensor left in its safetensors file until `load()` (so a whole checkpoint is never held
+    in host memory: `build_module` reads, casts and moves one tensor at a time)."""
+
+    __slots__ = ("_handle", "key", "shape")
+
+    def __init__(self, handle, key: str) -> None:
+        self._handle = handle
+        self.key = key
+        self.shape = tuple(handle.get_slice(key).get_shape())
+
+    def load(self) -> torch.Tensor:
+        return self._handle.get_tensor(self.key)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.key!r}, shape={self.shape})"
+
+
+Weights = dict[str, "torch.Tensor | LazyTensor"]
+
+
+def lazy_safetensors(path: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> dict[str, LazyTensor]:
+    """Every tensor of a `.safetensors` file, or of the (possibly sharded) model in a folder, as a
+    `LazyTensor` (nothing is read yet; key maps can rename them freely)."""
+    from safetensors import safe_open
 
     files = [path] if os.path.isfile(path) else safetensors_files(path, stem)
-    state_dict: dict[str, torch.Tensor] = {}
+    state_dict: dict[str, LazyTensor] = {}
     for file in files:
-        part = load_file(file, device="cpu")
-        overlap = state_dict.keys() & part.keys()
+        handle = safe_open(file, framework="pt", device="cpu")
+        keys = list(handle.keys())
+        overlap = state_dict.keys() & set(keys)
         if overlap:
             raise ValueError(f"{file} repeats keys of an earlier shard, e.g. {sorted(overlap)[:3]}")
-        state_dict.update(part)
+        state_dict.update({k: LazyTensor(handle, k) for k in keys})
     return state_dict
+
+
+def read_safetensors(path: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> dict[str, torch.Tensor]:
+    """All tensors of a `.safetensors` file, or of the (possibly sharded) model in a folder, read now."""
+    return {k: v.load() for k, v in lazy_safetensors(path, stem).items()}
 
 
 def read_pth(path: str) -> dict[str, torch.Tensor]:
@@ -130,11 +158,11 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def match_prefix(prefix: str) -> Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def match_prefix(prefix: str) -> Callable[[nn.Module, "Weights"], "Weights"]:
     """A `fit_keys` that adds or strips `prefix` so the checkpoint keys agree with the module's
     (transformers 5.2x flattened `CLIPVisionModel.vision_model.*` to the top level)."""
 
-    def fit(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fit(module: nn.Module, state_dict: "Weights") -> "Weights":
         want = any(k.startswith(prefix) for k in module.state_dict().keys())
         have = any(k.startswith(prefix) for k in state_dict)
         if want and not have:
@@ -152,8 +180,11 @@ def keeps_fp32(key: str, keep_in_fp32: tuple[str, ...]) -> bool:
     return any(name in parts for name in keep_in_fp32)
 
 
-def cast_tensor(key: str, value: torch.Tensor, dtype: torch.dtype, keep_in_fp32: tuple[str, ...]) -> torch.Tensor:
+def cast_tensor(key: str, value: "torch.Tensor | LazyTensor", dtype: torch.dtype,
+                keep_in_fp32: tuple[str, ...]) -> torch.Tensor:
     """Floating tensors to `dtype` (float32 for the keep-in-fp32 modules); others unchanged."""
+    if isinstance(value, LazyTensor):
+        value = value.load()
     if not value.is_floating_point():
         return value
     return value.to(torch.float32 if keeps_fp32(key, keep_in_fp32) else dtype)
@@ -161,19 +192,20 @@ def cast_tensor(key: str, value: torch.Tensor, dtype: torch.dtype, keep_in_fp32:
 
 def build_module(
     factory: Callable[[], M],
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Weights,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     keep_in_fp32: tuple[str, ...] = (),
-    fit_keys: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    fit_keys: Callable[[nn.Module, Weights], Weights] | None = None,
 ) -> M:
     """Build `factory()` with meta parameters and assign the checkpoint's tensors (strict).
+    `state_dict` values may be tensors or `LazyTensor`s (read here, one at a time).
 
     Tensors are cast (`keep_in_fp32` modules stay float32) and moved to `device` one at a time,
     so at most one extra copy of a tensor exists at once. `fit_keys(module, state_dict)` may adapt
-    the keys to the built module first (e.g. a prefix that differs between library versions). Returns the module in eval mode,
-    without gradients (inference only).
+    the keys to the built module first (e.g. a prefix that differs between library versions).
+    Returns the module in eval mode, without gradients (inference only).
     """
     device = torch.device(device)
     # 1. skeleton: parameters on meta, buffers real
@@ -182,9 +214,21 @@ def build_module(
     if fit_keys is not None:
         state_dict = fit_keys(module, state_dict)
     # 2. cast + move the checkpoint tensors, releasing the CPU copies as we go
+    #    (a value under two keys, e.g. tied embeddings, is read once and stays shared)
+    ids = [id(v) for v in state_dict.values()]
+    repeated = {i for i in ids if ids.count(i) > 1} if len(set(ids)) < len(ids) else set()
     ready: dict[str, torch.Tensor] = {}
+    shared: dict[tuple[int, bool], tuple[object, torch.Tensor]] = {}  # (id, fp32) -> (source, result)
     for key in list(state_dict):
-        ready[key] = cast_tensor(key, state_dict.pop(key), dtype, keep_in_fp32).to(device)
+        value = state_dict.pop(key)
+        if id(value) not in repeated:
+            ready[key] = cast_tensor(key, value, dtype, keep_in_fp32).to(device)
+            continue
+        slot = (id(value), keeps_fp32(key, keep_in_fp32))
+        if slot not in shared:  # `shared` keeps the source alive, so its id is not reused
+            shared[slot] = (value, cast_tensor(key, value, dtype, keep_in_fp32).to(device))
+        ready[key] = shared[slot][1]
+    del shared
     # 3. assign (strict: every key must match, both ways)
     try:
         module.load_state_dict(ready, strict=True, assign=True)
@@ -231,13 +275,16 @@ def resolve_checkpoint(model: str, spec_name: str | None = None) -> Checkpoint:
     (e.g. "wan2.1-i2v-14b-720p" instead of the default 480p entry).
     """
     from engine.families import detect_spec
+    from engine.registry import list_specs
 
+    model = os.path.expanduser(model)
     if not os.path.isdir(model):
         try:
             spec = get_spec(model)
         except KeyError:
+            names = ", ".join(s.name for s in list_specs())
             raise ValueError(
-                f"model {model!r} is neither a registered model name nor a local directory"
+                f"model {model!r} is neither a registered model name ({names}) nor a local directory"
             ) from None
         if spec_name is not None and spec_name != spec.name:
             raise ValueError(f"spec_name={spec_name!r} conflicts with the registry name {model!r}")

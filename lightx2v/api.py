@@ -50,12 +50,26 @@ class LightX2V:
         from engine.loading import resolve_checkpoint
 
         options = build_engine_options(device, dtype, engine_options)
-        if options.parallel.world_size > 1:
-            raise NotImplementedError(
-                f"parallel={options.parallel} needs the multi-GPU DiT group, which the library does "
-                "not run yet; use parallel={'cfg': 1, 'ulysses': 1}")
         ckpt = resolve_checkpoint(model)
-        return cls(LocalPipeline.from_checkpoint(ckpt, options), options)
+        denoise = None
+        if options.parallel.world_size > 1:
+            # The DiT runs on cfg x ulysses worker processes (Ray is started locally if needed);
+            # the other stages run here.
+            from cluster.group_denoise import GroupDenoiseStage
+
+            denoise = GroupDenoiseStage.start(ckpt, options)
+        try:
+            return cls(LocalPipeline.from_checkpoint(ckpt, options, denoise=denoise), options)
+        except BaseException:
+            if denoise is not None:
+                denoise.shutdown()
+            raise
+
+    def close(self) -> None:
+        """Stop the DiT worker group when the model runs on one (parallel > 1); else nothing."""
+        shutdown = getattr(self.pipeline.denoise, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     @property
     def spec(self):

@@ -38,6 +38,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="bfloat16 on cuda, float32 on cpu by default")
     p.add_argument("--attention", default="sdpa", help="attention backend (default sdpa)")
     p.add_argument("--quantization", default="none", choices=["none", "fp8", "int8"])
+    p.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2],
+                   help="CFG-parallel degree: 2 runs the two guidance branches on different ranks")
+    p.add_argument("--ulysses-degree", type=int, default=1,
+                   help="Ulysses sequence-parallel degree (must divide the attention heads); "
+                        "world size = cfg-parallel x ulysses-degree worker processes (one GPU each on cuda)")
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -66,8 +71,13 @@ def generate_main(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     t0 = time.perf_counter()
-    model = LightX2V.from_pretrained(args.model, device=device, dtype=dtype,
-                                     attention=args.attention, quantization=args.quantization)
+    parallel = {"cfg": args.cfg_parallel, "ulysses": args.ulysses_degree}
+    try:
+        model = LightX2V.from_pretrained(args.model, device=device, dtype=dtype, attention=args.attention,
+                                         quantization=args.quantization, parallel=parallel)
+    except ValueError as e:  # e.g. a Ulysses degree the heads do not divide
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - t0
 
     # 3. Generate, with a progress bar over the denoising steps.
@@ -87,6 +97,7 @@ def generate_main(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+        model.close()
 
     # 4. Summary: what ran, and the time per stage.
     req = model.last_result.request

@@ -34,9 +34,12 @@ class DecodeFramesStage(Stage):
         return cls(vae if vae is not None else get_family(ckpt.spec.family).load_vae(ckpt, options), options)
 
     def forward(self, request: ResolvedRequest, latents: Latents) -> VideoFrames:
+        from engine.models.wan.vae import decode_latents
+
         device, dtype = self.options.torch_device, self.options.torch_dtype
-        # 1. VAE decode (the VAE takes normalised latents).
-        video = self.vae.decode(latents.latents.to(device, dtype)[None])[0]   # (3, F, H, W) in [-1, 1]
+        # 1. VAE decode of the normalised latents (spatially tiled when options.vae_tiling).
+        z = latents.latents.to(device, dtype)[None]                             # (1, z, F_lat, H_lat, W_lat)
+        video = decode_latents(self.vae, z, self.options)[0]                    # (3, F, H, W) in [-1, 1]
         # 2. To [0, 1], frames last.
         frames = (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(1, 2, 3, 0)  # (F, H, W, 3)
         return VideoFrames(frames=frames.cpu().numpy().astype(np.float32, copy=False), fps=request.fps)

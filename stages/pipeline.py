@@ -51,8 +51,11 @@ class LocalPipeline:
         self.decode_frames = DecodeFramesStage(decode.vae, decode.options)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: "Checkpoint", options: "EngineOptions") -> "LocalPipeline":
-        """Load every component of `ckpt` once (the VAE is shared by image encode and decode)."""
+    def from_checkpoint(cls, ckpt: "Checkpoint", options: "EngineOptions",
+                        denoise: DenoiseStage | None = None) -> "LocalPipeline":
+        """Load every component of `ckpt` once (the VAE is shared by image encode and decode).
+        `denoise`: a ready denoise stage to use instead of loading the DiT here (the library
+        passes `cluster.group_denoise.GroupDenoiseStage` when the DiT runs on a worker group)."""
         from engine.families import get_family
 
         family = get_family(ckpt.spec.family)
@@ -64,7 +67,7 @@ class LocalPipeline:
         return cls(
             spec=ckpt.spec,
             text=TextEncodeStage(family.load_text_encoder(ckpt, options)),
-            denoise=DenoiseStage(family.load_transformer(ckpt, options), options),
+            denoise=denoise if denoise is not None else DenoiseStage(family.load_transformer(ckpt, options), options),
             decode=DecodeStage(vae, options),
             image=image,
         )

@@ -7,15 +7,16 @@ from torch import Tensor
 from engine.attention import AttentionBackend, list_backends, register_backend
 
 
-def sage_requirement(device: torch.device) -> str | None:
+def sage_requirement(device: torch.device, min_capability: tuple[int, int] = (8, 0)) -> str | None:
     """None if the Triton INT8 attention can run on `device`, else the reason."""
     if device.type != "cuda":
         return f"needs a CUDA GPU (Triton kernel), got device {str(device)!r}"
     if not torch.cuda.is_available():
         return "needs a CUDA GPU, but torch.cuda.is_available() is False"
     cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 0):
-        return f"needs compute capability >= 8.0 (INT8 tensor cores), this GPU has {cap[0]}.{cap[1]}"
+    if cap < min_capability:
+        return (f"needs compute capability >= {min_capability[0]}.{min_capability[1]} (8-bit tensor cores), "
+                f"this GPU has {cap[0]}.{cap[1]}")
     try:
         import triton  # noqa: F401
     except Exception as e:
@@ -36,6 +37,24 @@ def _(q, k, v):
     return q.new_empty(q.shape, dtype=v.dtype)
 
 
+@torch.library.custom_op("lightx2v::sage_fp8_attention", mutates_args=())
+def sage_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """As sage_int8_attention, with P·V in FP8 (V per channel)."""
+    from .sage_attention import sage_attention
+
+    return sage_attention(q, k, v, pv_fp8=True)
+
+
+@sage_fp8_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape, dtype=v.dtype)
+
+
+def sage_fp8_requirement(device: torch.device) -> str | None:
+    """FP8 P·V needs FP8 tensor cores (Ada / Hopper)."""
+    return sage_requirement(device, (8, 9))
+
+
 def register_backends() -> None:
     """Register this package's attention backends (once)."""
     if "sage_int8" not in list_backends():
@@ -44,4 +63,11 @@ def register_backends() -> None:
             fn=sage_int8_attention,
             requirement=sage_requirement,
             description="Triton SageAttention-style: smoothed INT8 Q/K per block, 16-bit P·V",
+        ))
+    if "sage_fp8" not in list_backends():
+        register_backend(AttentionBackend(
+            name="sage_fp8",
+            fn=sage_fp8_attention,
+            requirement=sage_fp8_requirement,
+            description="Triton SageAttention2-style: smoothed INT8 Q/K per block, FP8 P·V (V per channel)",
         ))

@@ -160,12 +160,12 @@ SAGE_CONFIGS: list[tuple[int, int, int, int]] = [
     (64, 128, 4, 3),
     (64, 64, 4, 3),
 ]
-_sage_config: list[tuple[int, int, int, int]] = [SAGE_CONFIGS[0]]
+_sage_config: dict[bool, tuple[int, int, int, int]] = {False: SAGE_CONFIGS[0], True: SAGE_CONFIGS[0]}
 
 
-def set_sage_config(cfg: tuple[int, int, int, int]) -> None:
-    """Pick the tile configuration used by sage_attention (bench/ sweeps these)."""
-    _sage_config[0] = cfg
+def set_sage_config(cfg: tuple[int, int, int, int], pv_fp8: bool = False) -> None:
+    """Pick the tile configuration sage_attention uses (per P·V precision; bench/ sweeps these)."""
+    _sage_config[pv_fp8] = cfg
 
 
 def quantize_blocks(x: torch.Tensor, block: int, scale_mul: float = 1.0,
@@ -208,7 +208,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     assert k.shape == v.shape and k.shape[0] == bsz and k.shape[2:] == q.shape[2:], \
         f"sage_attention: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
     assert dim in (16, 32, 64, 128, 256), f"head dim {dim} unsupported"
-    bm, bn, warps, stages = config or _sage_config[0]
+    bm, bn, warps, stages = config or _sage_config[pv_fp8]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # 1. smooth K: subtract the mean over tokens
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()         # (B, H, D)

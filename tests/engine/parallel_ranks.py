@@ -110,3 +110,50 @@ def rank_main(rank: int, world_size: int, init_file: str, cfg: int, ulysses: int
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- split VAE decode
+
+VAE_TILE, VAE_OVERLAP = (8, 8), (4, 4)
+
+
+def build_vae():
+    """Deterministic tiny Wan VAE (z_dim 4) with non-trivial norms and biases."""
+    from engine.models.wan.vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(0)
+    vae = WanVAE(WanVAEConfig(base_dim=8, z_dim=4, latents_mean=(0.1, -0.2, 0.0, 0.3),
+                              latents_std=(1.5, 0.8, 1.0, 1.2))).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return vae
+
+
+def vae_latents() -> torch.Tensor:
+    return torch.randn(1, 4, 2, 12, 12, generator=torch.Generator().manual_seed(5))
+
+
+def vae_rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """Spawned rank: split-decode the latents over the world; rank 0 saves the video."""
+    import torch.distributed as dist
+
+    from engine.parallel.mesh import SubGroup
+    from engine.parallel.vae import split_decode
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        group = SubGroup(dist.group.WORLD, world_size, rank)
+        with torch.no_grad():
+            video = split_decode(build_vae(), vae_latents(), group, VAE_TILE, VAE_OVERLAP)
+        assert (video is None) == (rank != 0)
+        if video is not None:
+            torch.save(video, os.path.join(out_dir, "video.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -117,6 +117,28 @@ def test_build_module_is_strict():
         build_module(Toy, extra)
 
 
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Embedding(5, 3)
+        self.b = nn.Embedding(5, 3)
+        self.norm = nn.Embedding(5, 3)
+
+
+def test_build_module_reads_lazy_tensors_once_and_keeps_ties(tmp_path):
+    from engine.loading import LazyTensor, lazy_safetensors
+
+    weight = torch.randn(5, 3)
+    save_file({"a.weight": weight}, str(tmp_path / "model.safetensors"))
+    lazy = lazy_safetensors(str(tmp_path), stem="model")
+    assert isinstance(lazy["a.weight"], LazyTensor) and lazy["a.weight"].shape == (5, 3)
+    sd = {"a.weight": lazy["a.weight"], "b.weight": lazy["a.weight"], "norm.weight": lazy["a.weight"]}
+    m = build_module(Tied, sd, dtype=torch.bfloat16, keep_in_fp32=("norm",))
+    assert m.a.weight.data_ptr() == m.b.weight.data_ptr()  # one tensor under two names
+    assert m.a.weight.dtype == torch.bfloat16 and m.norm.weight.dtype == torch.float32
+    assert torch.equal(m.norm.weight, weight) and torch.equal(m.a.weight, weight.bfloat16())
+
+
 def test_params_on_meta_does_not_initialise():
     from engine.loading import params_on_meta
 
@@ -139,7 +161,7 @@ def test_bad_directory_lists_what_was_looked_for(tmp_path):
 
 
 def test_unknown_names_and_weightless_entries_are_clear_errors():
-    with pytest.raises(ValueError, match="neither a registered model name nor a local directory"):
+    with pytest.raises(ValueError, match=r"neither a registered model name \(.*tiny-wan.*\) nor a local directory"):
         resolve_checkpoint("no-such-model")
     with pytest.raises(ValueError, match="has no local weights.*pass the checkpoint directory"):
         resolve_checkpoint("wan2.1-t2v-14b")
@@ -296,22 +318,33 @@ def test_image_encoder_refused_for_t2v_models(both):
 
 @pytest.fixture(scope="module")
 def diffusers_saved(tiny_wan_dir, tmp_path_factory):
-    """A diffusers-layout folder whose DiT and VAE were written by diffusers' save_pretrained
-    (diffusers' own random init), with the tiny encoders copied in."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    """A whole diffusers-layout folder written by `WanImageToVideoPipeline.save_pretrained`, with
+    a DiT and VAE initialised by diffusers itself (the encoders are the tiny ones)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-    root = tmp_path_factory.mktemp("diffusers_saved") / "ckpt"
-    shutil.copytree(tiny_wan_dir, root, ignore=shutil.ignore_patterns("transformer", "vae"))
+    from engine.models.wan.image_encoder import clip_image_processor_cls
+
+    sub = lambda name: os.path.join(tiny_wan_dir, name)  # noqa: E731
     torch.manual_seed(123)
-    dit = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(os.path.join(tiny_wan_dir, "transformer")))
-    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(os.path.join(tiny_wan_dir, "vae")))
-    dit.save_pretrained(str(root / "transformer"))
-    vae.save_pretrained(str(root / "vae"))
-    return str(root), dit.eval(), vae.eval()
+    dit = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(sub("transformer"))).eval()
+    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(sub("vae"))).eval()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(sub("tokenizer")),
+        text_encoder=UMT5EncoderModel.from_pretrained(sub("text_encoder")).eval(),
+        vae=vae, transformer=dit,
+        scheduler=UniPCMultistepScheduler.from_pretrained(sub("scheduler")),
+        image_processor=clip_image_processor_cls().from_pretrained(sub("image_processor")),
+        image_encoder=CLIPVisionModel.from_pretrained(sub("image_encoder")).eval(),
+    )
+    root = str(tmp_path_factory.mktemp("diffusers_saved") / "ckpt")
+    pipe.save_pretrained(root)
+    return root, pipe
 
 
 def test_diffusers_saved_transformer_loads_without_conversion(diffusers_saved):
-    path, ref, _ = diffusers_saved
+    path, pipe = diffusers_saved
+    ref = pipe.transformer
     ckpt = resolve_checkpoint(path)
     assert ckpt.spec.name == "tiny-wan"
     ours = WAN.load_transformer(ckpt, OPTS)
@@ -324,7 +357,8 @@ def test_diffusers_saved_transformer_loads_without_conversion(diffusers_saved):
 
 
 def test_diffusers_saved_vae_loads_without_conversion(diffusers_saved):
-    path, _, ref = diffusers_saved
+    path, pipe = diffusers_saved
+    ref = pipe.vae
     ours = WAN.load_vae(resolve_checkpoint(path), OPTS)
     z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(4))
     mean = torch.tensor(ours.config.latents_mean).view(1, -1, 1, 1, 1)
@@ -332,6 +366,21 @@ def test_diffusers_saved_vae_loads_without_conversion(diffusers_saved):
     with torch.no_grad():
         expected = ref.decode(z * std + mean).sample
     assert rel_err(ours.decode(z), expected) < 1e-4
+
+
+def test_diffusers_saved_encoders_load(diffusers_saved):
+    from PIL import Image
+
+    path, pipe = diffusers_saved
+    ckpt = resolve_checkpoint(path)
+    prompts = ["a cat walks on the beach", ""]
+    with torch.no_grad():
+        text_ref = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=512, device=torch.device("cpu"))
+    assert rel_err(WAN.load_text_encoder(ckpt, OPTS).encode(prompts), text_ref) < 1e-5
+    img = Image.new("RGB", (50, 80), (10, 200, 40))
+    with torch.no_grad():
+        image_ref = pipe.encode_image([img], device=torch.device("cpu"))
+    assert rel_err(WAN.load_image_encoder(ckpt, OPTS).encode([img]), image_ref) < 1e-5
 
 
 def test_arch_of_loaded_dit_matches_spec(both):

@@ -386,6 +386,7 @@ def test_plan_tiles_covers_with_overlaps(hw, tile, overlap):
         assert r.h1 - r.h0 <= tile[0] and r.w1 - r.w0 <= tile[1]
         covered[r.h0:r.h1, r.w0:r.w1] += 1
     assert bool((covered > 0).all())
+    assert len({(r.h1 - r.h0, r.w1 - r.w0) for r in regions}) == 1  # one tile shape (ranks stack them)
     rows = sorted({(r.h0, r.h1, r.ramp_h) for r in regions})
     for (a0, a1, ra), (b0, b1, rb) in zip(rows, rows[1:]):
         assert a1 - b0 >= overlap[0] and ra[1] == rb[0] == a1 - b0  # ramps span the real overlap
@@ -428,18 +429,19 @@ def test_single_tile_equals_plain_decode(pair):
     assert torch.equal(tiled_decode(ours, latents, (8, 8), (2, 2)), ours.decode(latents))
 
 
-# Measured on this tiny random-weight model (see the report): tiled vs plain relative error
-# 0.27 at 8x8-latent tiles with 4 overlap, 0.17 at 10x10/6; diffusers' own tiled decode with the
-# same geometry (64-px tiles, stride 32) is at 0.31. Random weights make the mid-block attention
-# (global over each frame) and the ~17-latent-pixel conv receptive field matter far more than
-# trained weights do, so these are upper bounds, not the quality of a real tiled decode.
-TILED_REL_ERR_BOUND = 0.30
+# Measured on this tiny random-weight model (12x12 latent, 2 frames): tiled vs plain relative
+# error 0.121 with 8x8-latent tiles overlapping by 4, 0.087 with 10x10 tiles overlapping by 6;
+# diffusers' own tiled decode with the same geometry (64-px tiles, stride 32) is at 0.163.
+# Random weights make the mid-block attention (global over each frame) and the ~17-latent-pixel
+# conv receptive field weigh far more than trained weights do: these bound the machinery, they
+# are not the quality of a real tiled decode (the blend itself is exact: see the tests above).
+TILED_REL_ERR_BOUND = 0.15
 
 
 def test_tiled_decode_close_to_plain_and_better_than_diffusers_tiling(pair):
     ref, ours = pair
     torch.manual_seed(0)
-    latents = torch.randn(1, 4, 3, 12, 12)
+    latents = torch.randn(1, 4, 2, 12, 12)
     plain = ours.decode(latents)
     tiled = tiled_decode(ours, latents, tile_latent=(8, 8), overlap_latent=(4, 4))
     assert tiled.shape == plain.shape
@@ -472,7 +474,7 @@ def test_tiles_by_rank_then_blend_equals_tiled_decode(pair):
 
 def test_engine_options_select_tiling(pair):
     _, ours = pair
-    latents = torch.randn(1, 4, 2, 40, 6)  # taller than one 32-latent tile
+    latents = torch.randn(1, 4, 1, 36, 2)  # taller than one 32-latent tile
     tiled = decode_latents(ours, latents, EngineOptions(vae_tiling=True))
     assert torch.equal(tiled, tiled_decode(ours, latents))
     assert not torch.equal(tiled, ours.decode(latents))

@@ -86,7 +86,8 @@ def diffusers_to_official(state_dict: Mapping[str, T], num_res_blocks: int | Non
 def _rename_prefix(key: str, prefixes: list[tuple[str, str]]) -> str:
     """Replace the first matching prefix template (with {part}/{n} placeholders)."""
     for src, dst in prefixes:
-        pattern = re.escape(src).replace(r"\{part\}", "(?P<part>encoder|decoder)").replace(r"\{n\}", r"(?P<n>\d+)")
+        pattern = re.escape(src).replace(r"\{part\}", "(?P<part>encoder|decoder)")
+        pattern = pattern.replace(r"\{n\}", r"(?P<n>\d+)")
         if m := re.match(pattern, key):
             return dst.format(**m.groupdict()) + key[m.end():]
     return key

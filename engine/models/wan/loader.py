@@ -20,8 +20,8 @@ import re
 import torch
 
 from engine.loading import (
-    Checkpoint, Layout, OFFICIAL_WEIGHTS_STEM, build_module, match_prefix, read_json, read_pth,
-    read_safetensors, safetensors_files,
+    Checkpoint, Layout, OFFICIAL_WEIGHTS_STEM, build_module, lazy_safetensors, match_prefix, read_json,
+    read_pth,
 )
 from engine.models.wan import keymap_clip, keymap_dit, keymap_t5
 from engine.models.wan.image_encoder import WanImageEncoder, clip_image_processor_cls
@@ -50,14 +50,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def safetensors_shapes(directory: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the safetensors headers (no tensor data is read)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in safetensors_files(directory, stem):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
+    return {k: v.shape for k, v in lazy_safetensors(directory, stem).items()}
 
 
 def read_dit_config(path: str, layout: Layout):
@@ -176,9 +169,9 @@ class WanFamily:
 
         config = read_dit_config(ckpt.path, ckpt.layout)
         if ckpt.layout == "diffusers":
-            state_dict = read_safetensors(ckpt.file("transformer"))
+            state_dict = lazy_safetensors(ckpt.file("transformer"))
         else:
-            state_dict = keymap_dit.official_to_diffusers(read_safetensors(ckpt.path))
+            state_dict = keymap_dit.official_to_diffusers(lazy_safetensors(ckpt.path))
         # some diffusers exports carry an unused `norm_added_q` (diffusers ignores it too)
         for key in [k for k in state_dict if ".norm_added_q." in k]:
             del state_dict[key]
@@ -194,7 +187,7 @@ class WanFamily:
 
         if ckpt.layout == "diffusers":
             config = WanVAEConfig.from_dict(read_json(ckpt.file("vae", "config.json")))
-            state_dict = read_safetensors(ckpt.file("vae"))
+            state_dict = lazy_safetensors(ckpt.file("vae"))
         else:
             from engine.models.wan import keymap_vae
 
@@ -209,7 +202,7 @@ class WanFamily:
 
         if ckpt.layout == "diffusers":
             config = UMT5Config.from_pretrained(ckpt.file("text_encoder"))
-            state_dict = read_safetensors(ckpt.file("text_encoder"), stem="model")
+            state_dict = lazy_safetensors(ckpt.file("text_encoder"), stem="model")
             tokenizer_dir = ckpt.file("tokenizer")
         else:
             official = read_pth(ckpt.file(OFFICIAL_T5))
@@ -231,7 +224,7 @@ class WanFamily:
         processor_cls = clip_image_processor_cls()
         if ckpt.layout == "diffusers":
             config = CLIPVisionConfig.from_pretrained(ckpt.file("image_encoder"))
-            state_dict = read_safetensors(ckpt.file("image_encoder"), stem="model")
+            state_dict = lazy_safetensors(ckpt.file("image_encoder"), stem="model")
             processor = processor_cls.from_pretrained(ckpt.file("image_processor"))
         else:
             official = read_pth(ckpt.file(OFFICIAL_CLIP))

@@ -1,7 +1,7 @@
 """`tiny-wan`: a tiny random-weight Wan2.1 checkpoint in the diffusers layout, generated locally.
 
-Deterministic (seed 0), well under a megabyte, runs on CPU in seconds. T2V and I2V capable: the
-DiT takes 36 input channels and CLIP tokens. Written once into
+Deterministic (seed 0), about 3 MB, runs on CPU in seconds (a 9x64x64 VAE decode: ~0.4 s).
+T2V and I2V capable: the DiT takes 36 input channels and CLIP tokens. Written once into
 `$LIGHTX2V_CACHE/tiny-wan-v1` (default `~/.cache/lightx2v/tiny-wan-v1`) through a temporary
 folder and an atomic rename, so concurrent processes never see a half-written checkpoint.
 A `lightx2v_tiny.json` in the folder records a fingerprint of the generator and of the module

@@ -35,9 +35,6 @@ from torch import Tensor, nn
 
 from engine.options import EngineOptions
 
-CACHE_T = 2
-"""Past frames a temporal-kernel-3 causal conv needs from the previous chunk."""
-
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -111,19 +108,14 @@ class WanVAEConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def check_supported(self) -> None:
-        """Raise NotImplementedError for the Wan2.2 variant (and other unused options)."""
-        wan22 = {
-            "is_residual": (self.is_residual, False),
-            "patch_size": (self.patch_size, None),
-            "decoder_base_dim": (self.decoder_base_dim, (None, self.base_dim)),
-        }
-        for name, (value, allowed) in wan22.items():
-            ok = value in allowed if isinstance(allowed, tuple) else value == allowed
-            if not ok:
-                raise NotImplementedError(
-                    f"WanVAE implements the Wan2.1 VAE only: {name}={value!r} is the Wan2.2 "
-                    f"residual/patchified VAE (allowed: {allowed!r})"
-                )
+        """Raise NotImplementedError for the Wan2.2 variant (and other options no Wan VAE uses)."""
+        if self.is_residual or self.patch_size is not None or self.decoder_base_dim not in (None, self.base_dim):
+            raise NotImplementedError(
+                f"WanVAE implements the Wan2.1 VAE only: is_residual={self.is_residual}, "
+                f"patch_size={self.patch_size}, decoder_base_dim={self.decoder_base_dim} is the Wan2.2 "
+                "residual/patchified VAE (allowed: is_residual=False, patch_size=None, "
+                "decoder_base_dim=None or base_dim)"
+            )
         if self.attn_scales:
             raise NotImplementedError(f"attn_scales must be () (no Wan VAE uses it), got {self.attn_scales}")
 
@@ -146,7 +138,8 @@ class WanVAEConfig:
 class CausalCache:
     """The last input frames each causal layer saw, for ONE encode or decode call.
 
-    Keyed by the layer object. `seen(layer)` is False before the layer's first chunk.
+    Keyed by the layer object (diffusers counts layers through a shared index list instead).
+    `seen(layer)` is False before the layer's first chunk.
     """
 
     def __init__(self) -> None:
@@ -397,7 +390,8 @@ class Encoder3d(nn.Module):
                 blocks.append(ResidualBlock(in_dim, out_dim, c.dropout))
                 in_dim = out_dim
             if level != len(c.dim_mult) - 1:
-                blocks.append(Downsample3d(out_dim) if c.temperal_downsample[level] else Downsample2d(out_dim))
+                downsampler = Downsample3d if c.temperal_downsample[level] else Downsample2d
+                blocks.append(downsampler(out_dim))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1], c.dropout)
         self.norm_out = RMSNorm(dims[-1], images=False)
@@ -590,8 +584,9 @@ def _plan_axis(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
 
 def plan_tiles(latent_hw: tuple[int, int], tile_latent: tuple[int, int] = (32, 32),
                overlap_latent: tuple[int, int] = (8, 8)) -> list[TileRegion]:
-    """Cover a (h, w) latent with overlapping tiles, row-major. Pure and deterministic, so every
-    rank computes the same plan. Defaults: 256-px tiles with 64-px overlaps (as diffusers)."""
+    """Cover a (h, w) latent with overlapping tiles, row-major, all of ONE shape (<= tile_latent),
+    neighbours overlapping by >= overlap_latent. Pure and deterministic, so every rank computes
+    the same plan. Defaults: 256-px tiles with 64-px overlaps (diffusers' tiling geometry)."""
     for name, (tile, overlap) in {"h": (tile_latent[0], overlap_latent[0]),
                                   "w": (tile_latent[1], overlap_latent[1])}.items():
         if not 0 <= overlap < tile:
