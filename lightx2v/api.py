@@ -71,8 +71,15 @@ class LightX2V:
         if shutdown is not None:
             shutdown()
 
+    def __enter__(self) -> "LightX2V":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def spec(self):
+        """The model's registry entry (defaults, strides, tasks)."""
         return self.pipeline.spec
 
     def generate(self, prompt, negative_prompt=None, image=None, video_length=None,

@@ -99,8 +99,8 @@ class ImageEncodeStage(Stage):
         return ImageCond(clip_tokens=clip_tokens, latent_cond=torch.cat([mask, latents], dim=0))
 
     def check_output(self, request: ResolvedRequest, out: ImageCond) -> None:
-        _, f_lat, h_lat, w_lat = request.latent_shape
-        expect_shape(self.name, "latent_cond", out.latent_cond, (-1, f_lat, h_lat, w_lat))
+        c, f_lat, h_lat, w_lat = request.latent_shape
+        expect_shape(self.name, "latent_cond", out.latent_cond, (self.temporal_stride + c, f_lat, h_lat, w_lat))
         expect_finite(self.name, "latent_cond", out.latent_cond)
         if out.clip_tokens is not None:
             expect_shape(self.name, "clip_tokens", out.clip_tokens, (-1, -1))

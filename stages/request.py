@@ -39,6 +39,8 @@ MAX_SIDE = 4096
 """Largest height or width in pixels."""
 MAX_FRAMES = 1025
 """Largest frame count."""
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Largest input image (width * height), checked from the header before decoding."""
 LATENT_CHANNELS_DEFAULT = 16
 VAE_SPATIAL_STRIDE_DEFAULT = 8
 
@@ -103,11 +105,17 @@ def load_image_file(path: str) -> Image.Image:
 
 def _open_image_bytes(raw: bytes) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return im.copy()
+        im = Image.open(io.BytesIO(raw))
     except Exception as e:  # PIL raises several types for bad data
         raise ValueError(f"image bytes could not be decoded as an image ({e})") from None
+    with im:
+        if im.width * im.height > MAX_IMAGE_PIXELS:  # from the header, before decoding
+            raise ValueError(f"image must have at most {MAX_IMAGE_PIXELS} pixels, got {im.width}x{im.height}")
+        try:
+            im.load()
+        except Exception as e:
+            raise ValueError(f"image bytes could not be decoded as an image ({e})") from None
+        return im.copy()
 
 
 def _array_to_pil(a: np.ndarray) -> Image.Image:
@@ -124,7 +132,11 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
 
 
 def latent_shape(spec: ModelSpec, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(C, F_lat, H_lat, W_lat) of the model's latents for a video of this size."""
+    """(C, F_lat, H_lat, W_lat) of the model's latents for a video of this size.
+
+    `ModelSpec` has no latent-channel count or VAE stride fields yet: every registered model
+    (Wan2.1) has 16 latent channels and a VAE spatial stride of 8, the defaults here; a spec that
+    defines `latent_channels` / `vae_spatial_stride` (e.g. Wan2.2-5B: 48, 16) overrides them."""
     channels = getattr(spec, "latent_channels", LATENT_CHANNELS_DEFAULT)
     stride = getattr(spec, "vae_spatial_stride", VAE_SPATIAL_STRIDE_DEFAULT)
     return (channels, (num_frames - 1) // spec.temporal_stride + 1, height // stride, width // stride)
@@ -179,7 +191,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _frames(cls, v: int | None) -> int | None:
         if v is not None and not 1 <= v <= MAX_FRAMES:
-            raise ValueError(f"num_frames must be in 1..{MAX_FRAMES} (and 4k+1 for Wan), got {v}")
+            raise ValueError(f"num_frames must be in 1..{MAX_FRAMES}, got {v}")
         return v
 
     @field_validator("height", "width")

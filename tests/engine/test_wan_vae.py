@@ -479,3 +479,22 @@ def test_engine_options_select_tiling(pair):
     assert torch.equal(tiled, tiled_decode(ours, latents))
     assert not torch.equal(tiled, ours.decode(latents))
     assert torch.equal(decode_latents(ours, latents, EngineOptions()), ours.decode(latents))
+
+
+def test_layout_helpers_keep_channels_last_without_copies():
+    """The CUDA channels-last path (CPU convs do not return channels-last, so check directly)."""
+    from engine.models.wan.vae import _frames_to_images, _images_to_frames, _interleave_time
+
+    x = torch.randn(2, 6, 3, 4, 5)
+    cl = x.contiguous(memory_format=torch.channels_last_3d)
+    # time interleave: channel half j becomes frame 2t + j, as diffusers' stack/reshape
+    halves = x.reshape(2, 2, 3, 3, 4, 5)
+    expected = torch.stack((halves[:, 0], halves[:, 1]), 3).reshape(2, 3, 6, 4, 5)
+    assert torch.equal(_interleave_time(x), expected)
+    out = _interleave_time(cl)
+    assert torch.equal(out, expected) and out.is_contiguous(memory_format=torch.channels_last_3d)
+    # frames <-> images are views in channels-last
+    images = _frames_to_images(cl)
+    assert images.data_ptr() == cl.data_ptr() and images.is_contiguous(memory_format=torch.channels_last)
+    back = _images_to_frames(images, 2)
+    assert torch.equal(back, x) and back.is_contiguous(memory_format=torch.channels_last_3d)

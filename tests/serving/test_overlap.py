@@ -44,7 +44,7 @@ def test_full_queues_answer_503_and_stage_backpressure_is_retried(served, fake, 
     # while job 2 waits, get BackPressureError and retry (staying queued) until there is room.
     ok = []
     for i in range(4):
-        r = fake.post("/v1/videos", json={"prompt": f"busy {i}", "steps": 8})
+        r = fake.post("/v1/videos", json={"prompt": f"busy {i}", "steps": 15})
         assert r.status_code == 200, r.text
         ok.append(r.json()["id"])
         time.sleep(0.6)

@@ -178,3 +178,15 @@ def test_request_pickles():
     r = GenerationRequest(prompt="a", image=IMAGE, latents=torch.zeros(16, 2, 4, 6)).resolve(BOTH)
     r2 = pickle.loads(pickle.dumps(r))
     assert r2.seed == r.seed and r2.image.size == r.image.size and r2.latents.shape == r.latents.shape
+
+
+def test_huge_image_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (9000, 8000)).save(buf, format="PNG")
+    with pytest.raises(ValidationError, match="image must have at most"):
+        GenerationRequest(prompt="a", image=buf.getvalue())
+
+
+def test_truncated_image_refused():
+    with pytest.raises(ValidationError, match="could not be decoded"):
+        GenerationRequest(prompt="a", image=png_bytes()[:60])

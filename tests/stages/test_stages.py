@@ -225,3 +225,23 @@ def test_pipeline_refuses_request_resolved_for_another_model():
 
     with pytest.raises(ValueError, match="resolved for"):
         pipe.run(GenerationRequest(prompt="a").resolve(T2V))
+
+
+def test_decode_honours_vae_tiling(tiny_wan_dir, monkeypatch):
+    """options.vae_tiling routes the decode through the VAE's tiled decode (one tile here: equal)."""
+    import engine.models.wan.vae as wan_vae
+    from engine.families import get_family
+    from engine.loading import resolve_checkpoint
+
+    ckpt = resolve_checkpoint("tiny-wan")
+    vae = get_family(ckpt.spec.family).load_vae(ckpt, CPU)
+    calls = []
+    real = wan_vae.tiled_decode
+    monkeypatch.setattr(wan_vae, "tiled_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    req = GenerationRequest(prompt="a", num_frames=5, height=32, width=48).resolve(ckpt.spec)
+    latents = Latents(torch.randn(req.latent_shape, generator=torch.Generator().manual_seed(0)))
+    plain = DecodeFramesStage(vae, CPU)(req, latents).frames
+    assert calls == []
+    tiled = DecodeFramesStage(vae, CPU.with_(vae_tiling=True))(req, latents).frames
+    assert calls == [1]
+    np.testing.assert_allclose(tiled, plain, atol=1e-5)
