@@ -4,12 +4,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from stages.base import Stage, StageError
 from stages.image_encode import VideoVAE
 from stages.payloads import EncodedVideo, Latents, VideoFrames
 from stages.request import ResolvedRequest
-from stages.video import encode_mp4, frames_to_uint8
+from stages.video import encode_mp4
 
 if TYPE_CHECKING:
     from engine.loading import Checkpoint
@@ -34,6 +35,11 @@ class DecodeFramesStage(Stage):
         return cls(vae if vae is not None else get_family(ckpt.spec.family).load_vae(ckpt, options), options)
 
     def forward(self, request: ResolvedRequest, latents: Latents) -> VideoFrames:
+        frames = self.decode_to_unit_range(latents)                               # (F, H, W, 3) on device
+        return VideoFrames(frames=frames.float().cpu().numpy(), fps=request.fps)
+
+    def decode_to_unit_range(self, latents: Latents) -> torch.Tensor:
+        """VAE decode -> (F, H, W, 3) float32 in [0, 1], on the engine's device."""
         from engine.models.wan.vae import decode_latents
 
         device, dtype = self.options.torch_device, self.options.torch_dtype
@@ -41,8 +47,7 @@ class DecodeFramesStage(Stage):
         z = latents.latents.to(device, dtype)[None]                             # (1, z, F_lat, H_lat, W_lat)
         video = decode_latents(self.vae, z, self.options)[0]                    # (3, F, H, W) in [-1, 1]
         # 2. To [0, 1], frames last.
-        frames = (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(1, 2, 3, 0)  # (F, H, W, 3)
-        return VideoFrames(frames=frames.cpu().numpy().astype(np.float32, copy=False), fps=request.fps)
+        return (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(1, 2, 3, 0).contiguous()  # (F, H, W, 3)
 
     def check_output(self, request: ResolvedRequest, out: VideoFrames | EncodedVideo) -> None:
         if isinstance(out, VideoFrames):
@@ -59,10 +64,12 @@ class DecodeStage(DecodeFramesStage):
     output_type = EncodedVideo
 
     def forward(self, request: ResolvedRequest, latents: Latents) -> EncodedVideo:
-        frames = super().forward(request, latents).frames                     # (F, H, W, 3) float32
-        data = encode_mp4(frames_to_uint8(frames), request.fps)
-        return EncodedVideo(data=data, num_frames=frames.shape[0], height=frames.shape[1],
-                            width=frames.shape[2], fps=request.fps)
+        frames = self.decode_to_unit_range(latents)                              # (F, H, W, 3) on device
+        # uint8 on the device (4x less to copy), rounded as frames_to_uint8.
+        pixels = (frames * 255.0).round().to(torch.uint8).cpu().numpy()
+        data = encode_mp4(pixels, request.fps)
+        return EncodedVideo(data=data, num_frames=pixels.shape[0], height=pixels.shape[1],
+                            width=pixels.shape[2], fps=request.fps)
 
     def check_output(self, request: ResolvedRequest, out: EncodedVideo) -> None:
         got = (out.num_frames, out.height, out.width)

@@ -88,10 +88,9 @@ class ImageEncodeStage(Stage):
             clip_tokens = self.image_encoder.encode([request.image])[0].float().cpu()  # (257, 1280)
 
         # 2. The image, then num_frames - 1 zero frames, VAE-encoded.
-        pixels = image_to_tensor(request.image, height, width)                   # (1, 3, H, W)
-        zeros = pixels.new_zeros(1, 3, num_frames - 1, height, width)
-        video = torch.cat([pixels[:, :, None], zeros], dim=2)                    # (1, 3, F, H, W)
-        latents = self.vae.encode(video.to(device, dtype))[0].float().cpu()      # (z, F_lat, H_lat, W_lat)
+        video = torch.zeros(1, 3, num_frames, height, width, device=device, dtype=dtype)  # (1, 3, F, H, W)
+        video[:, :, 0] = image_to_tensor(request.image, height, width).to(device, dtype)  # frame 0: (1, 3, H, W)
+        latents = self.vae.encode(video)[0].float().cpu()                        # (z, F_lat, H_lat, W_lat)
 
         # 3. Frame mask channels before the latents.
         _, f_lat, h_lat, w_lat = latents.shape

@@ -44,7 +44,8 @@ def test_full_queues_answer_503_and_stage_backpressure_is_retried(served, fake, 
     # while job 2 waits, get BackPressureError and retry (staying queued) until there is room.
     ok = []
     for i in range(4):
-        r = fake.post("/v1/videos", json={"prompt": f"busy {i}", "steps": 15})
+        # Job 0 denoises for 3 s (15 steps x 0.2 s) while the others arrive.
+        r = fake.post("/v1/videos", json={"prompt": f"busy {i}", "steps": 15 if i == 0 else 1})
         assert r.status_code == 200, r.text
         ok.append(r.json()["id"])
         time.sleep(0.6)
