@@ -9,6 +9,8 @@ Lifecycle (vLLM-style), each step a collective call over the group (`WorkerGroup
     denoise(request, text, image_cond, job_id)
                                  all ranks run the sampler loop; rank 0 returns the Latents,
                                  the others None
+    load_vae(checkpoint, opts) / decode(latents)
+                                 optional: the VAE decode split into spatial tiles over the ranks
     cancel(job_id) / progress(job_id)
                                  answered while denoise runs (the group's actors are threaded)
     check_health() / shutdown()
@@ -19,7 +21,6 @@ arrives before its job starts is kept until the job runs.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from stages.payloads import ImageCond, Latents, TextEmbeds
     from stages.request import GenerationRequest, ResolvedRequest
 
-log = logging.getLogger(__name__)
 
 _MAX_REMEMBERED = 1024
 """Cancel flags / progress entries kept for jobs that have not run (oldest dropped)."""
@@ -52,6 +52,7 @@ class DiTWorker:
         self.spec = None
         self.stage = None
         self.predictor = None
+        self.vae = None
         self._run_lock = threading.Lock()        # one denoise at a time on this rank
         self._state_lock = threading.Lock()      # cancel flags and progress
         self._cancelled: OrderedDict[str, None] = OrderedDict()
@@ -143,6 +144,32 @@ class DiTWorker:
                     self._cancelled.pop(job_id, None)
         return latents if self._require_ctx().rank == 0 else None
 
+    def load_vae(self, checkpoint: "str | Checkpoint", options: EngineOptions) -> None:
+        """Load the VAE on this rank too, for `decode` split over the group's ranks."""
+        from engine.families import get_family
+        from engine.loading import resolve_checkpoint
+
+        options = options.with_(device=self._rank_device(options))
+        ckpt = resolve_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+        self.vae = get_family(ckpt.spec.family).load_vae(ckpt, options)
+
+    def decode(self, latents: "Latents", tile_latent: tuple[int, int] = (32, 32),
+               overlap_latent: tuple[int, int] = (8, 8)) -> "torch.Tensor | None":
+        """Split VAE decode over all ranks (`engine.parallel.vae.split_decode`): each rank decodes
+        some spatial tiles, rank 0 blends and returns the video (1, 3, F, H, W) in [-1, 1] (CPU,
+        float32); the other ranks return None."""
+        from engine.parallel.mesh import SINGLE, SubGroup
+        from engine.parallel.vae import split_decode
+
+        if self.vae is None:
+            raise RuntimeError("DiTWorker: no VAE loaded; call load_vae(checkpoint, options) first")
+        ctx = self._require_ctx()
+        group = SINGLE if ctx.world_size == 1 else SubGroup(dist.group.WORLD, ctx.world_size, ctx.rank)
+        with torch.no_grad():
+            video = split_decode(self.vae, latents.latents[None].to(self.device), group,
+                                 tile_latent, overlap_latent)
+        return None if video is None else video.float().cpu()
+
     def cancel(self, job_id: str) -> None:
         """Ask the job to stop before its next step (or not to start)."""
         with self._state_lock:
@@ -165,7 +192,7 @@ class DiTWorker:
 
     def shutdown(self) -> None:
         """Drop the model (the group destroys the process group afterwards)."""
-        self.stage = self.predictor = None
+        self.stage = self.predictor = self.vae = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

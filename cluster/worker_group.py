@@ -190,7 +190,15 @@ def _pick_device(backend: str, gpu_ids: tuple[str, ...]):
 
 
 class WorkerGroup:
-    """N Ray actors running ``worker_cls``, one process group; see the module docstring."""
+    """N Ray actors running ``worker_cls``, one process group; see the module docstring.
+
+    ``gpus_per_worker``: Ray GPUs per actor (fractional allowed; 0 for a CPU group over gloo).
+    ``backend``: None picks NCCL when every worker sees a CUDA GPU, else gloo.
+    ``env``: extra environment for the worker processes (on top of ``WORKER_ENV``).
+    ``timeout_s``: start-up calls and the process-group collectives time out after this.
+    ``cpus_per_worker``: Ray CPUs per actor (0, as vLLM's workers: the GPU bundle's CPU stays free).
+    ``max_concurrency``: threads per actor, so cancel/progress reach a rank during a long call.
+    """
 
     def __init__(self, worker_cls: type, world_size: int, *, gpus_per_worker: float = 1.0,
                  backend: str | None = None, env: dict[str, str] | None = None,
@@ -251,6 +259,12 @@ class WorkerGroup:
 
         # 2. Backend: NCCL when every worker has a GPU it can use, gloo otherwise.
         self.backend = self._choose_backend(infos)
+        if self.backend == "nccl":
+            seats = [(r.node_ip, r.gpu_ids[0]) for r in self.ranks]
+            if len(set(seats)) < len(seats):
+                raise WorkerGroupError(
+                    f"NCCL cannot put two ranks on one GPU, but gpus_per_worker={self.gpus_per_worker} "
+                    f"placed ranks on {seats}; give each worker a whole GPU")
 
         # 3. Rendezvous: rank 0 opens the store on a free port; everyone joins.
         port = ray.get(self._actors[0].open_store.remote(self.world_size, self.timeout_s),

@@ -100,11 +100,12 @@ def _int8_gemm_kernel(A, B, SA, SB, BIAS, C, M, N, K,
     tl.store(c_ptr, out.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); the first is the default.
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). The default (first) was the fastest
+# on one H200 at the Wan-14B 480p shapes: 1,050-1,150 TOP/s (docs/BENCHMARKS.md).
 INT8_GEMM_CONFIGS: list[tuple[int, int, int, int, int, int]] = [
+    (256, 128, 128, 8, 8, 3),
     (128, 256, 128, 8, 8, 3),
     (128, 128, 128, 8, 8, 4),
-    (256, 128, 128, 8, 8, 3),
     (128, 256, 64, 8, 8, 4),
     (64, 128, 128, 8, 4, 4),
 ]

@@ -31,17 +31,19 @@ frame is 1 pixel frame for the first latent frame, then 4), in the decoder of `W
 Per-pixel operators (RMS norms, SiLU, 1x1 shortcuts, the temporal (3, 1, 1) convs of the 3-D
 upsamplers, the time interleave) run on the local stripe with no communication.
 
-Communication per latent frame, for channels C_k of the k-th 3x3 conv at width W_k (pixels):
-2 x C_k x W_k x (frames in the chunk) values sent to each neighbour per conv (the first row up,
-the last row down), and 2 x C x h x w values all-gathered once for the attention (C the mid-block
-width, h x w the latent frame). For Wan2.1 at 480x832 (latent 60x104) that is about 1.9 MB of
-halos per rank and 4.8 MB of gathered k/v per rank per frame in float32 (half in bf16).
+Communication per latent frame (4 pixel frames after the first): for each of the decoder's 33
+row-spanning convs, one row of its input (C_k channels x W_k pixels x the chunk's frames T_k) to
+each neighbour; the k/v all-gather moves 2 x C x h x w values in all (C the mid-block width,
+h x w the latent frame; each rank receives the other ranks' share). For Wan2.1 at 480x832
+(latent 60x104) that is sum(C_k W_k T_k) = 6.9 M values, 27 MB in float32 (14 MB in bf16), to
+each neighbour, plus 19 MB (float32) of k/v gathered; the decoded frame itself is 19 MB.
 
 Applied from outside: `halo_vae_view` deep-copies the VAE's module tree while SHARING every
 parameter (no weight copy), and swaps, in the copy's decoder, the spatial convs for halo
 wrappers and the attention block for a row-split one; the copy's own `decode` (same chunk loop,
 same per-call cache) then decodes the local stripe. The original VAE is left untouched.
-Each halo adds one concatenation copy of the conv input (the plain VAE pads inside the conv).
+Each halo adds one copy of the conv input (the plain VAE pads inside the conv); channels-last
+(`WanVAE.to_channels_last`) is kept.
 
     video = halo_split_decode(vae, latents, group)   # same latents on every rank of `group`
     # -> (B, 3, F', 8h, 8w) clamped to [-1, 1] on group rank 0, None on the others
@@ -119,25 +121,29 @@ class RowStripes:
                              f"stripes here are {[r * factor for r in self.rows]} rows")
         edge = (*x.shape[:-2], halo, x.shape[-1])
         # 1. this rank's first rows go up, its last rows go down; the neighbours' come back
-        above = below = None
+        #    (plain contiguous buffers on the wire, whatever the layout of x)
+        received: dict[int, Tensor] = {}  # neighbour's group rank -> its rows next to ours
         ops = []
-        if rank > 0:
-            above = torch.empty(edge, dtype=x.dtype, device=x.device)
-            ops += [dist.P2POp(dist.isend, x[..., :halo, :].contiguous(), self._peer(rank - 1), self.group.group),
-                    dist.P2POp(dist.irecv, above, self._peer(rank - 1), self.group.group)]
-        if rank < size - 1:
-            below = torch.empty(edge, dtype=x.dtype, device=x.device)
-            ops += [dist.P2POp(dist.isend, x[..., -halo:, :].contiguous(), self._peer(rank + 1), self.group.group),
-                    dist.P2POp(dist.irecv, below, self._peer(rank + 1), self.group.group)]
+        for peer, rows in ((rank - 1, x[..., :halo, :]), (rank + 1, x[..., -halo:, :])):
+            if 0 <= peer < size:
+                received[peer] = torch.empty(edge, dtype=x.dtype, device=x.device)
+                group, peer_global = self.group.group, self._peer(peer)
+                ops += [dist.P2POp(dist.isend, rows.contiguous(), peer_global, group),
+                        dist.P2POp(dist.irecv, received[peer], peer_global, group)]
         if ops:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
-        # 2. zeros at the true top / bottom border (the conv's own zero padding)
-        if above is None:
-            above = x.new_zeros(edge)
-        if below is None:
-            below = x.new_zeros(edge)
-        return torch.cat([above, x, below], dim=-2)
+        # 2. above ++ x ++ below in x's layout (channels-last stays so); zeros at the true top /
+        #    bottom border, as the conv's own zero padding
+        out = torch.empty((*x.shape[:-2], x.shape[-2] + 2 * halo, x.shape[-1]), dtype=x.dtype,
+                          device=x.device, memory_format=_layout(x))
+        out[..., halo:-halo, :] = x
+        for rows, peer in ((out[..., :halo, :], rank - 1), (out[..., -halo:, :], rank + 1)):
+            if peer in received:
+                rows.copy_(received[peer])
+            else:
+                rows.zero_()
+        return out
 
     def all_gather_rows(self, x: Tensor) -> Tensor:
         """(..., H_local, W) stripes of every rank -> the whole (..., H, W), on every rank."""
@@ -165,6 +171,14 @@ class RowStripes:
         return torch.cat([g[..., :h, :] for g, h in zip(gathered, heights)], dim=-2)
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels-last(-3d) when x is (and is not also plain contiguous), else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
+
+
 def _pad_height(x: Tensor, height: int) -> Tensor:
     """Zero rows appended below to reach `height` (a contiguous tensor for the collectives)."""
     return F.pad(x, (0, 0, 0, height - x.shape[-2])).contiguous()
@@ -176,11 +190,14 @@ def _pad_height(x: Tensor, height: int) -> Tensor:
 
 
 class HaloCausalConv3d(nn.Module):
-    """A causal 3-D conv on a row stripe: neighbour rows replace the conv's height padding."""
+    """A causal 3-D conv on a row stripe: neighbour rows replace the conv's height padding.
+
+    Takes over `conv` (a parameter-sharing copy): its height padding is set to 0.
+    """
 
     def __init__(self, conv: CausalConv3d, stripes: RowStripes) -> None:
         super().__init__()
-        _check_same_rows(conv, dims=3)
+        _check_same_rows(conv)
         self.halo = conv.padding[1]
         conv.padding = (0, 0, conv.padding[2])  # the copy's conv only: heights come haloed
         self.conv = conv
@@ -192,11 +209,14 @@ class HaloCausalConv3d(nn.Module):
 
 
 class HaloConv2d(nn.Module):
-    """The upsamplers' per-frame 3x3 conv on a row stripe (images (B*T, C, H_local, W))."""
+    """The upsamplers' per-frame 3x3 conv on a row stripe (images (B*T, C, H_local, W)).
+
+    Takes over `conv` (a parameter-sharing copy): its height padding is set to 0.
+    """
 
     def __init__(self, conv: nn.Conv2d, stripes: RowStripes) -> None:
         super().__init__()
-        _check_same_rows(conv, dims=2)
+        _check_same_rows(conv)
         self.halo = conv.padding[0]
         conv.padding = (0, conv.padding[1])
         self.conv = conv
@@ -231,7 +251,7 @@ class StripeAttentionBlock(nn.Module):
         return x.view(b, t, c, h, w).transpose(1, 2).add_(identity)  # (B, C, T, h, W)
 
 
-def _check_same_rows(conv: nn.Conv2d | nn.Conv3d, dims: int) -> None:
+def _check_same_rows(conv: nn.Conv2d | nn.Conv3d) -> None:
     """The halo layers handle 'same'-height convs: stride 1, no dilation, kernel 2 * pad + 1."""
     k, s, d, p = conv.kernel_size[-2], conv.stride[-2], conv.dilation[-2], conv.padding[-2]
     if (s, d, k) != (1, 1, 2 * p + 1) or conv.padding_mode != "zeros":

@@ -3,7 +3,6 @@ and 4 (cfg 2 x ulysses 2) give the in-process world-size-1 latents for T2V and I
 and a rank killed mid-request."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -27,25 +26,10 @@ CASES = {c.name: c for c in pr.CASES}
 RAY_CASES = {"t2v": ["t2v_odd_tokens", "t2v_guidance_off"], "i2v": ["i2v_odd_tokens"]}
 
 
-def write_checkpoint(directory: str, task: str) -> str:
-    """A diffusers-layout folder holding only the tiny DiT of `parallel_ranks` (all the group loads)."""
-    from safetensors.torch import save_file
-
-    model = pr.build_model(task)
-    os.makedirs(os.path.join(directory, "transformer"))
-    with open(os.path.join(directory, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "WanPipeline", "_diffusers_version": "0.42.1"}, f)
-    with open(os.path.join(directory, "transformer", "config.json"), "w") as f:
-        json.dump({"_class_name": "WanTransformer3DModel", **model.config.to_dict()}, f)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(directory, "transformer", "diffusion_pytorch_model.safetensors"))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit_ckpt")
-    return {task: write_checkpoint(str(root / task), task) for task in ("t2v", "i2v")}
+    return {task: pr.write_checkpoint(str(root / task), task) for task in ("t2v", "i2v")}
 
 
 @pytest.fixture(scope="module")
@@ -101,30 +85,58 @@ def _long_request():
     return request, text, image
 
 
-def test_cancel_and_progress(ray_session, checkpoints, reference):
-    from stages.base import Cancelled
-
+@pytest.fixture(scope="module")
+def cfg_group(ray_session, checkpoints):
+    """cfg 2 (two gloo ranks, no GPUs) with the T2V DiT loaded: shared by the tests below."""
     options = EngineOptions(parallel=ParallelConfig(cfg=2, ulysses=1))
     group = WorkerGroup(DiTWorker, 2, gpus_per_worker=0, timeout_s=120)
     try:
         group.start()
         group.get(group.call("load_model", checkpoints["t2v"], options))
-        # a cancel sent to rank 1 only still stops every rank at the same step (agreed per step)
-        refs = group.call("denoise", *_long_request(), "job-cancel")
-        p = _wait_for_step(group, "job-cancel", 2)
-        assert p["total"] == 1000
-        group.get(group.call_rank(1, "cancel", "job-cancel"))
-        for ref in refs:
-            with pytest.raises(Cancelled, match="cancelled before step"):
-                group.get(ref, timeout=60)
-        stopped = group.get(group.call_rank(0, "progress", "job-cancel"))
-        assert stopped["step"] < 1000
-        # the group is healthy and serves the next request correctly
-        group.check_health()
-        out = run_case(group, "t2v_odd_tokens")[0]
-        assert rel_err(out.latents, reference["t2v_odd_tokens"]) < TOL
+        yield group
     finally:
         group.shutdown()
+
+
+def test_cancel_and_progress(cfg_group, reference):
+    from stages.base import Cancelled
+
+    group = cfg_group
+    # a cancel sent to rank 1 only still stops every rank at the same step (agreed per step)
+    refs = group.call("denoise", *_long_request(), "job-cancel")
+    p = _wait_for_step(group, "job-cancel", 2)
+    assert p["total"] == 1000
+    group.get(group.call_rank(1, "cancel", "job-cancel"))
+    for ref in refs:
+        with pytest.raises(Cancelled, match="cancelled before step"):
+            group.get(ref, timeout=60)
+    stopped = group.get(group.call_rank(0, "progress", "job-cancel"))
+    assert stopped["step"] < 1000
+    # the group is healthy and serves the next request correctly
+    group.check_health()
+    out = run_case(group, "t2v_odd_tokens")[0]
+    assert rel_err(out.latents, reference["t2v_odd_tokens"]) < TOL
+
+
+def test_split_vae_decode_on_group(cfg_group, tiny_wan_dir):
+    """The group's ranks decode different tiles of tiny-wan's VAE; rank 0 blends: equals the
+    single-process tiled decode with the same tiles."""
+    from engine.families import get_family
+    from engine.loading import resolve_checkpoint
+    from engine.models.wan.vae import tiled_decode
+    from stages.payloads import Latents
+
+    group = cfg_group
+    options = EngineOptions(parallel=ParallelConfig(cfg=2, ulysses=1))
+    group.get(group.call("load_vae", "tiny-wan", options))
+    latents = Latents(torch.randn(16, 2, 12, 12, generator=torch.Generator().manual_seed(0)))
+    videos = group.get(group.call("decode", latents, (8, 8), (4, 4)))
+    assert videos[1] is None
+    vae = get_family("wan2.1").load_vae(resolve_checkpoint("tiny-wan"), EngineOptions())
+    with torch.no_grad():
+        want = tiled_decode(vae, latents.latents[None], (8, 8), (4, 4))
+    assert videos[0].shape == want.shape == (1, 3, 5, 96, 96)
+    assert torch.allclose(videos[0], want, atol=1e-5)
 
 
 def test_killed_rank_fails_request_then_new_group_works(ray_session, checkpoints, reference):

@@ -91,6 +91,23 @@ def denoise(predictor_for, case: Case, heads: int = 4) -> torch.Tensor:
     return stage(request, text, image).latents
 
 
+def write_checkpoint(directory: str, task: str) -> str:
+    """A diffusers-layout folder holding only this tiny DiT (all a DiT worker group loads)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = build_model(task)
+    os.makedirs(os.path.join(directory, "transformer"))
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "WanPipeline", "_diffusers_version": "0.42.1"}, f)
+    with open(os.path.join(directory, "transformer", "config.json"), "w") as f:
+        json.dump({"_class_name": "WanTransformer3DModel", **model.config.to_dict()}, f)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(directory, "transformer", "diffusion_pytorch_model.safetensors"))
+    return directory
+
+
 def rank_main(rank: int, world_size: int, init_file: str, cfg: int, ulysses: int,
               heads: int, out_dir: str) -> None:
     """Spawned rank: join gloo, build the mesh, run every case, save this rank's latents."""

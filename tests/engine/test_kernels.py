@@ -33,7 +33,7 @@ def load(name):
     spec = importlib.util.spec_from_file_location(name, sys.argv[1] + "/" + name + ".py")
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
 qo, sa = load("quant_ops"), load("sage_attention")
-cases = torch.load(sys.argv[2])
+cases = torch.load(sys.argv[2], weights_only=False)
 out = {}
 for name, (fn, args, kwargs) in cases.items():
     mod, attr = fn.split(".")

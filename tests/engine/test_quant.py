@@ -172,3 +172,28 @@ def test_cuda_kernels_match_reference(cls, bias):
                                              None if q.bias is None else q.bias.cpu().float(), cls.fmt)
     assert y.dtype == torch.bfloat16
     assert rel(y.float().cpu(), ref) < 1e-2                       # bf16 output rounding
+
+
+def test_loader_applies_engine_options_quantization(tiny_wan_dir):
+    """EngineOptions.quantization reaches the DiT through the family loader (tiny-wan, CPU)."""
+    from engine.families import get_family
+    from engine.loading import resolve_checkpoint
+    from engine.options import EngineOptions
+
+    ckpt = resolve_checkpoint(str(tiny_wan_dir))
+    family = get_family(ckpt.spec.family)
+    plain = family.load_transformer(ckpt, EngineOptions())
+    quant = family.load_transformer(ckpt, EngineOptions(quantization="fp8"))
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())
+    n_blocks = len(quant.blocks)
+    assert sum(isinstance(m, FP8Linear) for m in quant.modules()) >= 10 * n_blocks  # q,k,v,o x2 + ffn
+    assert not isinstance(quant.proj_out, QuantLinear)
+    cfg = quant.config
+    torch.manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, 2, 4, 4)
+    ctx = torch.randn(1, 8, cfg.text_dim)
+    img = torch.randn(1, 257, cfg.image_dim) if cfg.image_dim else None
+    with torch.no_grad():
+        ref = plain(x, torch.tensor([500.0]), ctx, img)
+        out = quant(x, torch.tensor([500.0]), ctx, img)
+    assert rel(out, ref) < 0.1
