@@ -118,7 +118,7 @@ class DiTWorker:
         if config.image_dim is not None:
             image = torch.zeros(1, 257, config.image_dim, device=self.device, dtype=dtype)
         start = time.perf_counter()
-        with torch.no_grad():
+        with self._run_lock, torch.no_grad():
             self.predictor(x, t, context, context, 5.0, image)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

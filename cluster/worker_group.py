@@ -143,10 +143,14 @@ class _GroupMember:
             init_device(ctx)
 
     # -- running ----------------------------------------------------------------------------
-    def execute(self, method: str, args: tuple, kwargs: dict) -> Any:
-        """Run ``worker.<method>(*args, **kwargs)`` on this rank."""
+    def execute(self, method: str, packed: tuple[tuple, dict]) -> Any:
+        """Run ``worker.<method>(*args, **kwargs)`` on this rank. Arguments that are ObjectRefs
+        are fetched here, straight from the object store."""
         if self._worker is None:
             raise WorkerGroupError("worker not built yet: call WorkerGroup.start() first")
+        args, kwargs = packed
+        args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args]
+        kwargs = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in kwargs.items()}
         return getattr(self._worker, method)(*args, **kwargs)
 
     def sentinel(self) -> str:
@@ -328,14 +332,18 @@ class WorkerGroup:
 
     # -- running ----------------------------------------------------------------------------
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        """Run ``worker.<method>(*args, **kwargs)`` on every rank; refs in rank order."""
+        """Run ``worker.<method>(*args, **kwargs)`` on every rank; refs in rank order.
+
+        The arguments are put in the object store once for all ranks; an argument that is an
+        ObjectRef (e.g. an upstream stage's output) is fetched by each rank itself."""
         self._require_usable()
-        return [a.execute.remote(method, args, kwargs) for a in self._actors]
+        packed = ray.put((args, kwargs)) if len(self._actors) > 1 else (args, kwargs)
+        return [a.execute.remote(method, packed) for a in self._actors]
 
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         """Run ``worker.<method>`` on one rank only (e.g. ``progress`` on rank 0)."""
         self._require_usable()
-        return self._actors[rank].execute.remote(method, args, kwargs)
+        return self._actors[rank].execute.remote(method, (args, kwargs))
 
     def get(self, refs: list[ray.ObjectRef] | ray.ObjectRef, timeout: float | None = None) -> Any:
         """``ray.get`` that turns a dead rank into a ``WorkerGroupError`` naming it.
@@ -353,6 +361,13 @@ class WorkerGroup:
         except ray.exceptions.RayActorError as err:
             time.sleep(_MONITOR_POLL_S)  # let the monitor record which rank died first
             raise WorkerGroupError(self._failure or f"a worker of the group died: {err}") from err
+
+    async def aget(self, refs: list[ray.ObjectRef] | ray.ObjectRef, timeout: float | None = None) -> Any:
+        """``get`` for async callers (a Serve replica): the same dead-rank and out-of-step
+        handling, waited for in a thread so the event loop stays free."""
+        import asyncio
+
+        return await asyncio.to_thread(self.get, refs, timeout)
 
     def _wait_in_step(self, refs: list[ray.ObjectRef], timeout: float | None) -> Exception | None:
         """Wait for all refs; the first rank's error if the others stayed stuck (group failed)."""

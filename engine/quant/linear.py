@@ -67,7 +67,8 @@ def int8_requirement(device: torch.device) -> str | None:
         return f"INT8 linears need a CUDA device (or the CPU reference path), got {device}"
     if cap < (8, 0):
         return f"INT8 linears need compute capability >= 8.0, this GPU has {cap[0]}.{cap[1]}"
-    return _triton_ok() and f"INT8 linears need Triton: {_triton_ok()}"
+    reason = _triton_ok()
+    return f"INT8 linears need Triton: {reason}" if reason else None
 
 
 # ----------------------------------------------------------------------------------------------

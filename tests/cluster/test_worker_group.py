@@ -79,6 +79,11 @@ def test_group_ranks_rendezvous_calls_shutdown(ray_session):
         assert [i["gpu_ids"] for i in infos] == [r.gpu_ids for r in group.ranks]
         # collectives work; errors of a method reach the caller; the group stays healthy
         assert group.get(group.call("all_reduce", 1.0)) == [6.0, 6.0, 6.0]
+        # an ObjectRef argument is fetched by each rank (positional and keyword)
+        import ray
+
+        assert group.get(group.call("all_reduce", ray.put(2.0))) == [9.0, 9.0, 9.0]
+        assert group.get(group.call("all_reduce", value=ray.put(0.0))) == [3.0, 3.0, 3.0]
         assert group.get(group.call_rank(2, "info"))["rank"] == 2
         with pytest.raises(ValueError, match="on purpose"):
             group.get(group.call_rank(0, "boom"))

@@ -85,3 +85,25 @@ def test_world_size_one_leaves_model_alone():
     predictor = apply_parallel(model, single_mesh())
     assert isinstance(predictor, CFGPredictor)
     assert type(model.sequence).__name__ == "SequenceHooks"
+
+
+def test_module_swaps_self_attention_only():
+    """Ulysses wraps each block's self-attention core; cross-attention stays a plain local core;
+    the attention backend can still be changed afterwards (the inner core is a child module)."""
+    from engine.attention import AttentionCore, set_attention_backend
+    from engine.parallel.ulysses import UlyssesAttention, UlyssesSequence
+
+    model = pr.build_model("i2v")
+    apply_parallel(model, _fake_mesh(2, 2))
+    assert isinstance(model.sequence, UlyssesSequence)
+    for block in model.blocks:
+        assert isinstance(block.attn1.core, UlyssesAttention)
+        assert isinstance(block.attn1.core.inner, AttentionCore)
+        assert type(block.attn2.core) is AttentionCore
+    set_attention_backend(model, "sdpa")  # reaches the wrapped cores without error
+    # no group active: the swapped model computes exactly what the original does
+    x = torch.randn(1, 36, 3, 6, 10)
+    t, ctx = torch.tensor([500.0]), torch.randn(1, pr.TEXT_LEN, pr.TEXT_DIM)
+    img = torch.randn(1, pr.IMG_TOKENS, pr.IMG_DIM)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx, img), pr.build_model("i2v")(x, t, ctx, img))
