@@ -12,8 +12,10 @@ Sections (pick with --sections):
            as diffusers does: one number for both)
   profile  top CUDA kernels of one engine forward per mode listed in --profile-modes
 
-Modes: "+"-joined: a precision (bf16 | fp8 | int8) then options (sage: the sage_int8 attention
-backend; compile: torch.compile of the blocks). Example:
+Modes: "+"-joined: a precision (bf16 | fp8 | int8) then options (sage: the faster quantized
+attention backend of the kernel sweep, or sage_int8 / sage_fp8 by name; compile: torch.compile of
+the blocks; tq: keep the Triton activation-quant op under compile instead of letting Inductor fuse
+the quantization; nofuse: without the fused attention projections). Example:
   python bench/bench_dit.py --sections kernels,dit --models 14b --res 480p \
       --modes bf16,bf16+compile,fp8,int8,fp8+sage --json $OUT/bench.json
 Needs diffusers importable (dev dependency; on the GPU machine carried as a wheel).
@@ -122,7 +124,8 @@ def section_kernels(args) -> None:
 
     torch.manual_seed(0)
     m = 32760
-    for k, n in [(5120, 5120), (5120, 13824), (13824, 5120)]:
+    linear_shapes = [(5120, 5120), (5120, 13824), (13824, 5120)] if "linear" in args.kernel_ops else []
+    for k, n in linear_shapes:
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         lin = torch.nn.Linear(k, n, device=DEV, dtype=torch.bfloat16)
         flop = 2 * m * k * n
@@ -165,7 +168,10 @@ def section_kernels(args) -> None:
         del x, lin, ref, q8, qi, xq
         torch.cuda.empty_cache()
 
-    for heads, seq in [(40, 32760)] + ([(40, 75600)] if "720p" in args.res else []):
+    if "attention" in args.kernel_ops:
+        bench_norm_rope(args)
+    attn_shapes = [(40, 32760)] + ([(40, 75600)] if "720p" in args.res else [])
+    for heads, seq in attn_shapes if "attention" in args.kernel_ops else []:
         q, k, v = (torch.randn(1, seq, heads, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
         k = k + 0.5 * torch.randn(1, 1, heads, 128, device=DEV, dtype=torch.bfloat16)  # a key offset
         flop = 4 * seq * seq * 128 * heads
@@ -182,7 +188,15 @@ def section_kernels(args) -> None:
                 log(dict(section="kernels", op="sdpa cudnn", error=str(e)[:200]))
         for pv_fp8, backend in ((False, "sage_int8"), (True, "sage_fp8")):
             best = None
-            for cfg in sa.SAGE_CONFIGS:
+            n_cfg = args.sage_configs or len(sa.SAGE_CONFIGS)
+            configs = list(sa.SAGE_CONFIGS[:n_cfg])
+            if pv_fp8:  # the previous winner first, then the Hopper variants
+                configs = [sa.SAGE_CONFIGS[1]] + [c for c in sa.SAGE_CONFIGS if c != sa.SAGE_CONFIGS[1]][:n_cfg - 1]
+                configs += list(sa.SAGE_VARIANTS)
+            else:
+                configs += [c._replace(skip_rescale=True) for c in configs[:1]]
+                configs += [c._replace(qk_fp8=True, skip_rescale=True) for c in configs[:1]]
+            for cfg in configs:
                 try:
                     out = sa.sage_attention(q, k, v, config=cfg, pv_fp8=pv_fp8)
                     ms = timed(lambda: sa.sage_attention(q, k, v, config=cfg, pv_fp8=pv_fp8), args.repeats)
@@ -190,13 +204,14 @@ def section_kernels(args) -> None:
                     log(dict(section="kernels", op=backend, config=cfg, error=str(e)[:200]))
                     continue
                 err = rel(out, ref)
-                log(dict(section="kernels", op=f"{backend} (Triton)", heads=heads, tokens=seq, config=cfg,
+                log(dict(section="kernels", op=f"{backend} (Triton)", heads=heads, tokens=seq, config=list(cfg),
                          ms=ms, tflops=flop / ms / 1e9, rel_err=err))
                 if err < 0.06 and (best is None or ms < best[0]):
                     best = (ms, cfg)
             if best is not None and seq == 32760:
                 sa.set_sage_config(best[1], pv_fp8)
                 SAGE_BEST[backend] = best[0]
+                log(dict(section="kernels", op=f"{backend} pick", config=list(best[1]), ms=best[0]))
         if seq == 32760 and SAGE_BEST:
             SAGE_PICK[0] = min(SAGE_BEST, key=SAGE_BEST.get)
             log(dict(section="kernels", op="sage pick", backend=SAGE_PICK[0], ms=SAGE_BEST))
@@ -204,14 +219,49 @@ def section_kernels(args) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_norm_rope(args, grid: tuple[int, int, int] = (21, 30, 52), heads: int = 40) -> None:
+    """q/k RMSNorm + rotary at the 14B 480p shape: the model's eager code, the lean torch version
+    and the fused Triton kernel (engine.kernels.fused_attention), on a strided q of q|k|v."""
+    from engine.kernels.fused_attention import apply_rope_lean
+    from engine.kernels.norm_rope import rms_norm_rope
+    from engine.models.wan.transformer import apply_rope, rope_3d
+
+    seq, dim = math.prod(grid), heads * 128
+    qkv = torch.randn(1, seq, 3 * dim, device=DEV, dtype=torch.bfloat16)
+    x = qkv[..., :dim]
+    norm = torch.nn.RMSNorm(dim, eps=1e-6, device=DEV, dtype=torch.bfloat16)
+    rope = rope_3d(grid, 128, torch.device(DEV))
+    with torch.no_grad():
+        ref = apply_rope(norm(x).unflatten(2, (heads, -1)), rope)
+        variants = {
+            "eager (model code)": lambda: apply_rope(norm(x).unflatten(2, (heads, -1)), rope),
+            "lean torch": lambda: apply_rope_lean(norm(x).unflatten(2, (heads, -1)), rope),
+            "Triton fused": lambda: rms_norm_rope(x, norm.weight, 1e-6, rope[0], rope[1], heads),
+        }
+        for name, fn in variants.items():
+            ms = timed(fn, args.repeats * 3)
+            log(dict(section="kernels", op=f"rms_norm+rope {name}", shape=[seq, dim], ms=ms,
+                     rel_err=rel(fn(), ref), gbps=2 * x.numel() * 2 / ms / 1e6))
+    del qkv, x, ref
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------------------------
 # DiT
 
 
+SD_CACHE: dict[str, dict[str, torch.Tensor]] = {}
+
+
 def random_state_dict(cfg_kwargs: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights with the modules' default init (as diffusers' constructor gives, which the
-    baseline scripts use), bf16 except diffusers' float32 keep-list, on the GPU."""
+    baseline scripts use), bf16 except diffusers' float32 keep-list, on the GPU (cached per model)."""
     from engine.models.wan.transformer import WanDiTConfig, WanTransformer
+
+    key = json.dumps(cfg_kwargs, sort_keys=True)
+    if key in SD_CACHE:
+        return SD_CACHE[key]
 
     torch.manual_seed(seed)
     with torch.device(DEV):
@@ -221,7 +271,9 @@ def random_state_dict(cfg_kwargs: dict, seed: int = 0) -> dict[str, torch.Tensor
         sd[name] = p.detach().to(torch.float32 if WanTransformer.keeps_fp32(name) else torch.bfloat16)
         p.data = torch.empty(0, device=DEV)  # free the float32 copy as we go
     del model
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    SD_CACHE[key] = sd
     return sd
 
 
@@ -230,14 +282,31 @@ def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
     from engine.kernels import optimize_transformer
     from engine.models.wan.transformer import WanDiTConfig, WanTransformer
 
+    from engine.quant import linear as qlinear
+
     parts = mode.split("+")
     precision = parts[0]
+    qlinear.COMPILE_FUSED_QUANT[0] = "tq" not in parts  # tq: Triton quant op under compile (no fusion)
+    attention = "sdpa"
+    for part in parts:
+        if part == "sage":
+            attention = SAGE_PICK[0]
+        elif part.startswith("sage_"):
+            attention = part
     with torch.device("meta"):
         model = WanTransformer(WanDiTConfig(**cfg_kwargs))
     model.load_state_dict(sd, assign=True, strict=True)
     model.eval().requires_grad_(False)
     options = EngineOptions(device=DEV, dtype="bfloat16", quantization="none" if precision == "bf16" else precision,
-                            attention=SAGE_PICK[0] if "sage" in parts else "sdpa", compile="compile" in parts)
+                            attention=attention, compile="compile" in parts)
+    if "nofuse" in parts:  # the same without the fused attention projections (A/B)
+        from engine.kernels import fused_attention
+
+        saved, fused_attention.SWAPS = fused_attention.SWAPS, {}
+        try:
+            return optimize_transformer(model, options)
+        finally:
+            fused_attention.SWAPS = saved
     return optimize_transformer(model, options)
 
 
@@ -356,6 +425,19 @@ def section_dit(args, name: str, res: str) -> None:
                     if "diffusers/step" in times:
                         rec["speedup_vs_diffusers"] = times["diffusers/step"] / ms
                     log(rec)
+                if not args.no_step and mode in args.seq_cfg_modes:
+                    # the step as diffusers runs it: two batch-1 forwards (not what the engine does)
+                    def seq_step():
+                        sampler = make_sampler("unipc", 50, shift=5.0)
+                        c, u = model(lat, t, ctx), model(lat, t, neg)
+                        return sampler.step(u.float() + 5.0 * (c.float() - u.float()), 0, lat.float())
+
+                    ms = timed(seq_step, max(1, reps - 1))
+                    rec = dict(base, impl="engine", mode=mode, what="step_cfg_2xbatch1", ms=ms,
+                               tflops=2 * flops / ms / 1e9)
+                    if "diffusers/step" in times:
+                        rec["speedup_vs_diffusers"] = times["diffusers/step"] / ms
+                    log(rec)
                 same_numerics = mode.split("+")[0] == "bf16" and mode != "bf16"  # compile-only variants
                 if args.accuracy and args.sample_steps > 0 and not same_numerics:
                     sampler = make_sampler("unipc", args.sample_steps, shift=5.0)
@@ -379,6 +461,8 @@ def section_dit(args, name: str, res: str) -> None:
             gc.collect()
             torch.cuda.empty_cache()
     del sd
+    if not args.keep_weights:
+        SD_CACHE.clear()
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -440,6 +524,21 @@ def section_vae(args) -> None:
                     ms = timed(lambda: ours.decode(z), 1)
                 log(dict(base, impl="engine", mode=f"bf16 {layout}", ms=ms, peak_gib=pk.extra / GIB,
                          speedup_vs_diffusers=ms_d / ms, rel_err_vs_diffusers=rel(ours.decode(z), ref)))
+            if args.vae_cudnn_benchmark:
+                # what the engine's loader does on CUDA (engine.kernels.optimize_vae): channels-last
+                # and cudnn.benchmark; diffusers measured again with cudnn.benchmark on, for fairness
+                from engine.kernels import optimize_vae
+
+                optimize_vae(ours, EngineOptions(device=DEV, dtype="bfloat16"))
+                with Peak() as pk:
+                    ms = timed(lambda: ours.decode(z), 1)
+                log(dict(base, impl="engine", mode="bf16 channels_last + cudnn.benchmark (optimize_vae)", ms=ms,
+                         peak_gib=pk.extra / GIB, speedup_vs_diffusers=ms_d / ms,
+                         rel_err_vs_diffusers=rel(ours.decode(z), ref)))
+                ms_db = timed(lambda: theirs.decode(raw).sample, 1)
+                log(dict(base, impl="diffusers", mode="bf16 + cudnn.benchmark", ms=ms_db,
+                         speedup_of_engine_vs_this=ms_db / ms))
+                torch.backends.cudnn.benchmark = False
         del z, raw, ref
         torch.cuda.empty_cache()
 
@@ -489,7 +588,8 @@ def main() -> None:
     p.add_argument("--models", default="1.3b,14b")
     p.add_argument("--res", default="480p")
     p.add_argument("--modes", default="bf16,bf16+compile,fp8,int8,fp8+sage")
-    p.add_argument("--quick-models", default="", help="models run after --models: forward only, no accuracy")
+    p.add_argument("--quick-models", default="",
+                   help="models run after --models: forward only, no accuracy (name or name@res)")
     p.add_argument("--quick-modes", default="bf16,bf16+compile,fp8+sage+compile")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--repeats", type=int, default=3)
@@ -498,6 +598,12 @@ def main() -> None:
     p.add_argument("--no-step", action="store_true", help="skip the CFG step timing")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--profile-modes", default="", help="modes to profile one forward of (comma list)")
+    p.add_argument("--kernel-ops", default="linear,attention", help="kernels section: linear and/or attention")
+    p.add_argument("--sage-configs", type=int, default=0, help="sweep only the first N SAGE_CONFIGS (0: all)")
+    p.add_argument("--seq-cfg-modes", default="", help="modes whose CFG step is also timed as 2 batch-1 forwards")
+    p.add_argument("--vae-cudnn-benchmark", action="store_true", help="also time decode with optimize_vae")
+    p.add_argument("--quick-res", default="", help="resolutions of the quick models (default: --res)")
+    p.add_argument("--quick-repeats", type=int, default=0, help="repeats of the quick runs (default: --repeats)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for smoke runs (--models tiny --res tiny)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench.json"))
     args = p.parse_args()
@@ -506,6 +612,10 @@ def main() -> None:
     args.modes = [m for m in args.modes.split(",") if m]
     args.res = args.res.split(",")
     args.profile_modes = set(filter(None, args.profile_modes.split(",")))
+    args.seq_cfg_modes = set(filter(None, args.seq_cfg_modes.split(",")))
+    args.kernel_ops = set(args.kernel_ops.split(","))
+    quick_res = args.quick_res.split(",") if args.quick_res else args.res
+    args.keep_weights = bool(args.quick_models)
     args.out_dir = os.environ.get("OUT")
     if "bf16" not in args.modes and args.accuracy:
         args.modes.insert(0, "bf16")  # the accuracy reference
@@ -524,9 +634,11 @@ def main() -> None:
         steps.append(("vae", lambda: section_vae(args)))
     if "dit" in sections and args.quick_models:
         quick = argparse.Namespace(**{**vars(args), "modes": args.quick_modes.split(","), "accuracy": False,
-                                      "no_step": True, "profile_modes": set()})
-        for name in args.quick_models.split(","):
-            for res in args.res:
+                                      "no_step": True, "profile_modes": set(), "seq_cfg_modes": set(),
+                                      "repeats": args.quick_repeats or args.repeats})
+        for entry in args.quick_models.split(","):
+            name, _, only_res = entry.partition("@")  # "14b@720p": that model at that resolution only
+            for res in [only_res] if only_res else quick_res:
                 steps.append((f"dit {name} {res} (quick)", lambda n=name, r=res: section_dit(quick, n, r)))
     if "t5" in sections:
         steps.append(("t5", lambda: section_t5(args)))

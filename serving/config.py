@@ -185,7 +185,7 @@ def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
         dit_options["ray_actor_options"]["num_cpus"] = max(cpus(dit.num_cpus), 1.0)
 
     ing = args.ingress
-    return {
+    options = {
         "TextEncoder": stage(args.text_encoder),
         "ImageEncoder": stage(args.image_encoder),
         "DiTGroup": dit_options,
@@ -195,3 +195,8 @@ def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
                     "max_ongoing_requests": ing.max_ongoing_requests,
                     "max_queued_requests": ing.max_queued_requests},
     }
+    # Where Serve itself turns a full queue into an HTTP answer (the proxy in front of a full
+    # ingress): 503 with Retry-After, like the ingress's own pending-job bound.
+    for o in options.values():
+        o["backpressure_config"] = {"status_code": 503, "retry_after_s": ing.retry_after_s}
+    return options

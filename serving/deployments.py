@@ -118,7 +118,7 @@ class DiTGroup:
         """Yields `DenoiseProgress` events, then one `LatentsRef` (streaming method)."""
         async with self._lock:
             yield DenoiseProgress(0, request.steps)
-            # 1. Every rank gets the inputs (WorkerGroup.call passes arguments by value).
+            # 1. Every rank gets the inputs (WorkerGroup.call stores them once for all ranks).
             refs = self.group.call("denoise", request, text, image, job_id=job_id)
             # Awaiting a ref fetches it: for rank 0 that is the latents (MBs, same node), cheap.
             futures = [asyncio.ensure_future(_await(r)) for r in refs]
@@ -140,7 +140,9 @@ class DiTGroup:
                     await asyncio.gather(*futures)
                 except ray.exceptions.RayActorError as err:
                     raise WorkerGroupError(self.group.failure or f"a DiT worker died: {err}") from err
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
+                # Cancelled while awaiting (CancelledError) or while suspended at a yield (the
+                # stream is closed: GeneratorExit): either way the ranks must stop.
                 await self._cancel(job_id, futures)
                 raise
         if last < request.steps:

@@ -34,7 +34,7 @@ from serving.api import (ApiError, build_request, format_seconds, model_object, 
                          video_object)
 from serving.config import AppArgs, import_object
 from serving.deployments import DenoiseProgress, LatentsRef
-from serving.jobstore import JobNotFound, JobRecord, SQLiteJobStore, is_valid_job_id, new_job_id
+from serving.jobstore import JobNotFound, JobRecord, SQLiteJobStore, new_job_id
 from stages.request import ResolvedRequest
 
 log = logging.getLogger("ray.serve")
@@ -232,12 +232,6 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    @app.exception_handler(BackPressureError)
-    async def _busy(_: Request, err: BackPressureError) -> JSONResponse:
-        e = ApiError(503, f"the service is busy ({err}); retry later",
-                     headers={"Retry-After": str(ingress.args.ingress.retry_after_s)})
-        return JSONResponse(e.body(), status_code=503, headers=e.headers)
-
     @app.post("/v1/videos")
     async def create_video(request: Request) -> JSONResponse:
         return JSONResponse(await ingress.submit(await _request_fields(request)))
@@ -284,4 +278,4 @@ def build_http_app(ingress: Ingress) -> FastAPI:
     return app
 
 
-__all__ = ["Ingress", "build_http_app", "is_valid_job_id"]
+__all__ = ["Ingress", "build_http_app"]

@@ -4,7 +4,10 @@
   package is imported (`register_backends()`; idempotent);
 - FP8/INT8 GEMM helpers used by engine.quant (quant_ops);
 - `compile_blocks(model)`: torch.compile of each transformer block (EngineOptions.compile);
-- `optimize_transformer(model, options)`: all of the above from EngineOptions (the loaders call it).
+- `fuse_attention(model)`: fused q|k|v (self) and k|v (cross) projections, RMSNorm + rotary in one
+  Triton pass (module swap; part of `optimize_transformer` on CUDA);
+- `optimize_transformer(model, options)`: all of the above from EngineOptions (the loaders call it);
+- `optimize_vae(vae, options)`: channels-last + cuDNN autotuning on CUDA.
 
 Importing this package never imports triton: kernels load on first use, and each backend's
 requirement check says at start-up why it cannot run.
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 from .attention_backends import register_backends, sage_requirement
 from .compile import compile_blocks
-from .apply import optimize_transformer
+from .apply import optimize_transformer, optimize_vae
+from .fused_attention import fuse_attention
 
 register_backends()
 
-__all__ = ["compile_blocks", "optimize_transformer", "register_backends", "sage_requirement"]
+__all__ = ["compile_blocks", "fuse_attention", "optimize_transformer", "optimize_vae", "register_backends",
+           "sage_requirement"]

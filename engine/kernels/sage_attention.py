@@ -7,6 +7,9 @@
      base 2, P cast to V's dtype (bf16/fp16) and accumulated as P·V in float32;
      or, with `pv_fp8=True` (as SageAttention2), V quantized to FP8 e4m3 per channel (over all
      tokens) and P scaled by 448 into FP8, so P·V also runs on the 8-bit tensor cores.
+     Variants (SageConfig): `qk_fp8`, Q and K as FP8 e4m3 per block instead of INT8 (the same
+     tensor-core rate on Hopper, no int32 -> float32 conversion of S); `skip_rescale`, the
+     accumulator is rescaled only in blocks where some row's running max grew (exact).
 
 Self-contained (only torch and triton) so tests can load it fresh with TRITON_INTERPRET=1.
 Layout in and out: (B, L, H, D), as engine.attention's backends take.
@@ -14,6 +17,7 @@ Layout in and out: (B, L, H, D), as engine.attention's backends take.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,8 +29,10 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
                          stride_xb, stride_xl, stride_xh,
-                         SCALE_MUL, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
-    """One program per (block of tokens, batch*head): int8 tile (B, H, L, D) and its scale."""
+                         SCALE_MUL, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                         IS_FP8: tl.constexpr = False):
+    """One program per (block of tokens, batch*head): 8-bit tile (B, H, L, D) and its scale
+    (INT8: amax / 127, round half away from zero; IS_FP8: e4m3, amax / 448)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -41,11 +47,16 @@ def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
         x = x - tl.load(MEAN + bh * D + offs_d)[None, :]
         x = tl.where(mask, x, 0.0)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    scale = tl.maximum(amax / 127.0, 1e-12)
-    y = x / scale
-    y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
     q_ptr = XQ + bh.to(tl.int64) * L * D + offs_l.to(tl.int64)[:, None] * D + offs_d[None, :]
-    tl.store(q_ptr, y.to(tl.int8), mask=mask)
+    if IS_FP8:
+        scale = tl.maximum(amax / 448.0, 1e-12)
+        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(q_ptr, y.to(tl.float8e4nv), mask=mask)
+    else:
+        scale = tl.maximum(amax / 127.0, 1e-12)
+        y = x / scale
+        y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+        tl.store(q_ptr, y.to(tl.int8), mask=mask)
     tl.store(S + bh * tl.cdiv(L, BLOCK) + blk, scale * SCALE_MUL)
 
 
@@ -71,13 +82,13 @@ def _quant_v_fp8_kernel(X, VS, VT, L, H, LP, stride_xb, stride_xl, stride_xh,
 @triton.jit
 def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
                 offs_n, offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
-                PV_FP8: tl.constexpr):
+                PV_FP8: tl.constexpr, SKIP_RESCALE: tl.constexpr):
     """One K/V block of the online softmax (V: (L, D) rows of stride stride_vl, or with PV_FP8
     the FP8 transpose (D, L) with row stride stride_vl)."""
     cols = start_n + offs_n
     if MASK:
         k = tl.load(K + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
-                    mask=cols[:, None] < LK, other=0)
+                    mask=cols[:, None] < LK, other=0.0)
         if PV_FP8:
             v = tl.load(V + offs_d[:, None] * stride_vl + cols[None, :], mask=cols[None, :] < LK, other=0.0)
         else:
@@ -94,10 +105,17 @@ def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
     if MASK:
         s = tl.where(cols[None, :] < LK, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
+    if SKIP_RESCALE:
+        if tl.max(m_new - m_i, axis=0) > 0:  # some row's max grew: rescale (else alpha == 1)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
+    l_i = l_i + tl.sum(p, axis=1)
     if PV_FP8:
         acc = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v), acc)
     else:
@@ -109,7 +127,7 @@ def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
 def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                     PV_FP8: tl.constexpr):
+                     PV_FP8: tl.constexpr, SKIP_RESCALE: tl.constexpr = False):
     """One program per (block of BLOCK_M queries, batch*head). PV_FP8: V is the FP8 transpose
     (B*H, D, LP) (stride_vb = D * LP, stride_vl = LP, stride_vh = 0) with scales VS (B*H, D)."""
     # 1. this program's queries (int8) and their scale
@@ -121,7 +139,7 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     q = tl.load(QQ + bh.to(tl.int64) * LQ * D + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :],
-                mask=offs_m[:, None] < LQ, other=0)
+                mask=offs_m[:, None] < LQ, other=0.0)
     q_scale = tl.load(QS + bh * tl.cdiv(LQ, BLOCK_M) + pid_m)
     K = KQ + bh.to(tl.int64) * LK * D
     KS_h = KS + bh * tl.cdiv(LK, BLOCK_N)
@@ -136,10 +154,10 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
     n_full = (LK // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, start_n, LK, stride_vl,
-                                    offs_n, offs_d, BLOCK_N, D, False, PV_FP8)
+                                    offs_n, offs_d, BLOCK_N, D, False, PV_FP8, SKIP_RESCALE)
     if n_full < LK:
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, n_full, LK, stride_vl,
-                                    offs_n, offs_d, BLOCK_N, D, True, PV_FP8)
+                                    offs_n, offs_d, BLOCK_N, D, True, PV_FP8, SKIP_RESCALE)
     # 3. normalise and store (B, L, H, D)
     out = acc / l_i[:, None]
     if PV_FP8:
@@ -149,10 +167,23 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Defaults: the fastest of a sweep on one H200 at the
-# Wan-14B 480p shape (40 heads x 32,760 tokens x 128; docs/BENCHMARKS.md): 16-bit P·V
-# (128, 64, 4, 4) 36.9 ms; FP8 P·V (128, 128, 4, 3) 31.1 ms; cuDNN SDPA 38.0 ms.
-SAGE_CONFIGS: list[tuple[int, int, int, int]] = [
+class SageConfig(NamedTuple):
+    """Tile configuration and kernel variant of sage_attention (a plain 4-tuple also works)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    qk_fp8: bool = False
+    """Q/K as FP8 e4m3 per block instead of INT8."""
+    skip_rescale: bool = False
+    """Rescale the accumulator only in blocks where a row's running max grew."""
+
+
+# Defaults: the fastest of a sweep on one H200 at the Wan-14B 480p shape (40 heads x 32,760
+# tokens x 128; docs/BENCHMARKS.md): 16-bit P·V (128, 64, 4, 4) 36.9 ms; FP8 P·V (128, 128, 4, 3)
+# 31.1 ms; cuDNN SDPA 38.0 ms. bench/ sweeps SAGE_CONFIGS (and SAGE_VARIANTS for FP8 P·V).
+SAGE_CONFIGS: list[SageConfig] = [SageConfig(*c) for c in [
     (128, 64, 4, 4),
     (128, 128, 4, 3),
     (128, 128, 8, 3),
@@ -161,27 +192,38 @@ SAGE_CONFIGS: list[tuple[int, int, int, int]] = [
     (128, 128, 8, 2),
     (64, 128, 4, 3),
     (64, 64, 4, 3),
+]]
+SAGE_VARIANTS: list[SageConfig] = [
+    SageConfig(128, 128, 4, 3, skip_rescale=True),
+    SageConfig(128, 128, 4, 3, qk_fp8=True),
+    SageConfig(128, 128, 4, 3, qk_fp8=True, skip_rescale=True),
+    SageConfig(128, 128, 4, 4, qk_fp8=True, skip_rescale=True),
+    SageConfig(128, 256, 8, 3, qk_fp8=True, skip_rescale=True),
+    SageConfig(128, 256, 8, 2, skip_rescale=True),
+    SageConfig(128, 64, 4, 4, qk_fp8=True, skip_rescale=True),
 ]
-_sage_config: dict[bool, tuple[int, int, int, int]] = {False: SAGE_CONFIGS[0], True: SAGE_CONFIGS[1]}
+"""Hopper variants tried for FP8 P·V (FP8 Q/K, lazy rescale, larger BLOCK_N / deeper pipelines)."""
+_sage_config: dict[bool, SageConfig] = {False: SAGE_CONFIGS[0], True: SAGE_CONFIGS[1]}
 
 
-def set_sage_config(cfg: tuple[int, int, int, int], pv_fp8: bool = False) -> None:
+def set_sage_config(cfg: tuple, pv_fp8: bool = False) -> None:
     """Pick the tile configuration sage_attention uses (per P·V precision; bench/ sweeps these)."""
-    _sage_config[pv_fp8] = cfg
+    _sage_config[pv_fp8] = SageConfig(*cfg)
 
 
 def quantize_blocks(x: torch.Tensor, block: int, scale_mul: float = 1.0,
-                    mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, H, D) -> int8 (B, H, L, D) contiguous and scales (B*H, ceil(L/block)) float32."""
+                    mean: torch.Tensor | None = None, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H, D) -> int8 (or FP8 e4m3) (B, H, L, D) contiguous and scales (B*H, ceil(L/block))
+    float32."""
     bsz, seq, heads, dim = x.shape
     assert x.stride(-1) == 1
     n_blk = triton.cdiv(seq, block)
-    xq = torch.empty((bsz, heads, seq, dim), device=x.device, dtype=torch.int8)
+    xq = torch.empty((bsz, heads, seq, dim), device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     scale = torch.empty((bsz * heads, n_blk), device=x.device, dtype=torch.float32)
     _quant_blocks_kernel[(n_blk, bsz * heads)](
         x, mean if mean is not None else scale, xq, scale, seq, heads,
         x.stride(0), x.stride(1), x.stride(2), scale_mul,
-        HAS_MEAN=mean is not None, BLOCK=block, D=dim, num_warps=4)
+        HAS_MEAN=mean is not None, BLOCK=block, D=dim, IS_FP8=fp8, num_warps=4)
     return xq, scale
 
 
@@ -200,7 +242,7 @@ def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   config: tuple[int, int, int, int] | None = None, pv_fp8: bool = False) -> torch.Tensor:
+                   config: tuple | None = None, pv_fp8: bool = False) -> torch.Tensor:
     """Quantized attention, q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in v's dtype.
 
     No mask, not causal (the DiT's attention needs neither).
@@ -210,13 +252,14 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     assert k.shape == v.shape and k.shape[0] == bsz and k.shape[2:] == q.shape[2:], \
         f"sage_attention: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
     assert dim in (16, 32, 64, 128, 256), f"head dim {dim} unsupported"
-    bm, bn, warps, stages = config or _sage_config[pv_fp8]
+    cfg = SageConfig(*config) if config is not None else _sage_config[pv_fp8]
+    bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # 1. smooth K: subtract the mean over tokens
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()         # (B, H, D)
-    # 2. per-block INT8 Q (softmax scale and log2 e folded in) and K
-    q_q, q_s = quantize_blocks(q, bm, scale_mul=LOG2E / math.sqrt(dim))
-    k_q, k_s = quantize_blocks(k, bn, mean=k_mean)
+    # 2. per-block INT8 (or FP8) Q (softmax scale and log2 e folded into its scale) and K
+    q_q, q_s = quantize_blocks(q, bm, scale_mul=LOG2E / math.sqrt(dim), fp8=cfg.qk_fp8)
+    k_q, k_s = quantize_blocks(k, bn, mean=k_mean, fp8=cfg.qk_fp8)
     # 3. (pv_fp8) V to FP8 per channel, transposed so P·V reads K-major tiles
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
     if pv_fp8:
@@ -229,5 +272,6 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     grid = (triton.cdiv(seq, bm), bsz * heads)
     _sage_fwd_kernel[grid](q_q, q_s, k_q, k_s, v_in, v_s, out, seq, seq_k, heads, *v_strides,
                            out.stride(0), out.stride(1), out.stride(2),
-                           BLOCK_M=bm, BLOCK_N=bn, D=dim, PV_FP8=pv_fp8, num_warps=warps, num_stages=stages)
+                           BLOCK_M=bm, BLOCK_N=bn, D=dim, PV_FP8=pv_fp8, SKIP_RESCALE=cfg.skip_rescale,
+                           num_warps=warps, num_stages=stages)
     return out

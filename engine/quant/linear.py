@@ -131,6 +131,30 @@ def _(x2, w_q, w_scale, bias):
     return x2.new_empty((x2.shape[0], w_q.shape[0]))
 
 
+@torch.library.custom_op("lightx2v::int8_gemm", mutates_args=())
+def int8_gemm_cuda(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The Triton INT8 GEMM alone (activations already quantized): one graph node under compile."""
+    from engine.kernels.quant_ops import int8_gemm
+
+    return int8_gemm(x_q, w_q, x_scale, w_scale, bias, out_dtype=out_dtype)
+
+
+@int8_gemm_cuda.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+COMPILE_FUSED_QUANT: list[bool] = [True]
+"""Under torch.compile, quantize activations in plain torch (the reference math) so Inductor fuses
+the per-token quantization into the kernel that produces the activation (norm, modulation, GELU),
+and call only the GEMM as an opaque op. False: keep the Triton quant + GEMM op (bench/ compares)."""
+
+
+def _compiling() -> bool:
+    return COMPILE_FUSED_QUANT[0] and torch.compiler.is_compiling()
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 
@@ -195,6 +219,11 @@ class FP8Linear(QuantLinear):
     def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
+        if _compiling():
+            x_q, x_scale = quantize_rows(x2, self.fmt)                # fused by Inductor
+            y = torch._scaled_mm(x_q, self.weight_q.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                                 out_dtype=torch.bfloat16)
+            return y + self.bias.to(y.dtype) if self.bias is not None else y
         return fp8_linear_cuda(x2, self.weight_q, self.weight_scale, self.bias)
 
 
@@ -205,6 +234,9 @@ class Int8Linear(QuantLinear):
     requirement = staticmethod(int8_requirement)
 
     def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            x_q, x_scale = quantize_rows(x2, self.fmt)                # fused by Inductor
+            return int8_gemm_cuda(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x2.dtype)
         return int8_linear_cuda(x2, self.weight_q, self.weight_scale, self.bias)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from serving.jobstore import JobRecord, SQLiteJobStore, new_job_id
 
-FAKE_DELAYS = {"text_s": 0.4, "decode_s": 0.4}
+FAKE_DELAYS = {"text_s": 0.5, "decode_s": 0.5}
 FAKE_STEP_S = 0.2
 
 

@@ -43,6 +43,8 @@ def test_autoscaling_and_queue_bounds():
     assert dec["num_replicas"] == "auto"
     assert dec["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1}
     assert dec["max_queued_requests"] == 7
+    for name, o in deployment_options(args).items():  # Serve's own rejections: 503 + Retry-After
+        assert o["backpressure_config"] == {"status_code": 503, "retry_after_s": args.ingress.retry_after_s}, name
 
 
 @pytest.mark.parametrize("bad,field", [

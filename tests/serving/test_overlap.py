@@ -31,9 +31,9 @@ def test_encode_and_decode_overlap_denoising(served, fake, poll):
     text2, den1 = t[("text_encode", "overlap 2")], t[("denoise", "overlap 1")]
     dec1, den2 = t[("decode", "overlap 1")], t[("denoise", "overlap 2")]
     # Request 2 encodes while request 1 denoises ...
-    assert _overlap(text2, den1) > 0.3, (text2, den1)
+    assert _overlap(text2, den1) > 0.25, (text2, den1)
     # ... and request 1 decodes while request 2 denoises.
-    assert _overlap(dec1, den2) > 0.3, (dec1, den2)
+    assert _overlap(dec1, den2) > 0.25, (dec1, den2)
     # The DiT group ran one job at a time.
     assert den2["start"] >= den1["end"] - 0.05
 
@@ -48,7 +48,7 @@ def test_full_queues_answer_503_and_stage_backpressure_is_retried(served, fake, 
         r = fake.post("/v1/videos", json={"prompt": f"busy {i}", "steps": 15 if i == 0 else 1})
         assert r.status_code == 200, r.text
         ok.append(r.json()["id"])
-        time.sleep(0.6)
+        time.sleep(0.8)  # > the 0.5 s text encode: job i-1 is already queued at the DiT
     # The ingress holds at most max_pending_jobs=4 jobs: the 5th is refused at once.
     busy = fake.post("/v1/videos", json={"prompt": "busy 5", "steps": 1})
     assert busy.status_code == 503, [fake.get(f"/v1/videos/{i}").json() for i in ok]
@@ -80,3 +80,16 @@ def test_cancel_stops_the_denoise_loop(served, fake, poll):
     stopped = _timeline(served)[("denoise_cancelled", "cancel me")]
     assert stopped["end"] - t0 < 2.0
     assert ("denoise", "cancel me") not in _timeline(served)
+
+
+def test_cancel_a_queued_job(served, fake, poll):
+    running = fake.post("/v1/videos", json={"prompt": "holds the dit", "steps": 15}).json()
+    poll(fake, running["id"], until=("in_progress",), poll=0.02)
+    queued = fake.post("/v1/videos", json={"prompt": "never runs", "steps": 1}).json()
+    time.sleep(0.6)  # its text is encoded; it waits for the DiT group
+    assert fake.get(f"/v1/videos/{queued['id']}").json()["status"] == "queued"
+    assert fake.delete(f"/v1/videos/{queued['id']}").json()["deleted"] is True
+    assert fake.get(f"/v1/videos/{queued['id']}").status_code == 404
+    assert poll(fake, running["id"], timeout=30)[-1]["status"] == "completed"
+    time.sleep(1.0)  # had it not been cancelled, it would have run in the 0.2 s after that job
+    assert ("denoise", "never runs") not in _timeline(served)

@@ -182,7 +182,7 @@ class WanFamily:
         return optimize_transformer(model, options)
 
     def load_vae(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
-        """`WanVAE` in eval mode on the options' device and dtype."""
+        """`WanVAE` in eval mode on the options' device and dtype (channels-last on CUDA)."""
         from engine.models.wan.vae import WanVAE, WanVAEConfig
 
         if ckpt.layout == "diffusers":
@@ -193,8 +193,11 @@ class WanFamily:
 
             state_dict = keymap_vae.official_to_diffusers(read_pth(ckpt.file(OFFICIAL_VAE)))
             config = infer_vae_config(state_dict)
-        return build_module(lambda: WanVAE(config), state_dict, dtype=options.torch_dtype,
-                            device=options.torch_device)
+        from engine.kernels import optimize_vae
+
+        vae = build_module(lambda: WanVAE(config), state_dict, dtype=options.torch_dtype,
+                           device=options.torch_device)
+        return optimize_vae(vae, options)  # CUDA: channels-last + cuDNN autotuning
 
     def load_text_encoder(self, ckpt: Checkpoint, options: EngineOptions) -> WanTextEncoder:
         """umT5 encoder + tokenizer. float16 is run as bfloat16 (umT5 overflows in float16)."""

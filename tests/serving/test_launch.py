@@ -1,0 +1,41 @@
+"""`lightx2v serve` flags -> AppArgs (the CLI in serving/cli.py calls serving.launch)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from serving.launch import add_serve_arguments, app_args_from
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cpu_defaults_fit_a_small_machine(tmp_path):
+    ns = _parse("--model", "tiny-wan", "--host", "127.0.0.1", "--port", "8765", "--data-dir", str(tmp_path))
+    args = app_args_from(ns)
+    assert (args.model, args.device, args.dtype, args.replica_cpus) == ("tiny-wan", "cpu", "float32", 0.0)
+    assert args.data_dir == str(tmp_path) and ns.port == 8765
+
+
+def test_gpu_flags():
+    ns = _parse("--device", "cuda", "--cfg-parallel", "2", "--ulysses-degree", "2", "--max-pending-jobs", "9",
+                "--quantization", "fp8")
+    args = app_args_from(ns)
+    assert args.dtype == "bfloat16" and args.world_size == 4 and args.replica_cpus == 1.0
+    assert args.ingress.max_pending_jobs == 9 and args.quantization == "fp8"
+
+
+def test_bad_flag_values_name_the_field():
+    with pytest.raises(ValueError, match="cfg_parallel"):
+        app_args_from(_parse("--cfg-parallel", "3"))
+
+
+def test_cli_serve_subcommand_uses_these_flags():
+    from serving.cli import build_parser
+
+    ns = build_parser(serve_arguments=True).parse_args(["serve", "--model", "tiny-wan", "--port", "8765"])
+    assert app_args_from(ns).model == "tiny-wan" and ns.port == 8765
