@@ -153,21 +153,24 @@ class DiTWorker:
         ckpt = resolve_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
         self.vae = get_family(ckpt.spec.family).load_vae(ckpt, options)
 
-    def decode(self, latents: "Latents", tile_latent: tuple[int, int] = (32, 32),
+    def decode(self, latents: "Latents", mode: str = "halo", tile_latent: tuple[int, int] = (32, 32),
                overlap_latent: tuple[int, int] = (8, 8)) -> "torch.Tensor | None":
-        """Split VAE decode over all ranks (`engine.parallel.vae.split_decode`): each rank decodes
-        some spatial tiles, rank 0 blends and returns the video (1, 3, F, H, W) in [-1, 1] (CPU,
-        float32); the other ranks return None."""
+        """VAE decode split over all ranks; rank 0 returns the video (1, 3, F, H, W) in [-1, 1]
+        (CPU, float32), the other ranks None. Modes (`SPLIT_DECODES`):
+        "halo" (default): row stripes with halo exchange, equal to the single-rank decode
+        (`engine.parallel.vae_halo`); "tiles": overlapping tiles blended on rank 0, bounded memory
+        per tile, close to but not equal to the plain decode (`engine.parallel.vae`)."""
         from engine.parallel.mesh import SINGLE, SubGroup
-        from engine.parallel.vae import split_decode
 
         if self.vae is None:
             raise RuntimeError("DiTWorker: no VAE loaded; call load_vae(checkpoint, options) first")
+        if mode not in SPLIT_DECODES:
+            raise ValueError(f"decode mode must be one of {sorted(SPLIT_DECODES)}, got {mode!r}")
         ctx = self._require_ctx()
         group = SINGLE if ctx.world_size == 1 else SubGroup(dist.group.WORLD, ctx.world_size, ctx.rank)
+        x = latents.latents[None].to(self.device)
         with torch.no_grad():
-            video = split_decode(self.vae, latents.latents[None].to(self.device), group,
-                                 tile_latent, overlap_latent)
+            video = SPLIT_DECODES[mode](self.vae, x, group, tile_latent, overlap_latent)
         return None if video is None else video.float().cpu()
 
     def cancel(self, job_id: str) -> None:
@@ -223,3 +226,19 @@ class DiTWorker:
         if self.stage is None:
             raise RuntimeError("DiTWorker: no model loaded; call load_model(checkpoint, options) first")
         return self.stage
+
+
+def _halo_decode(vae, latents, group, tile_latent, overlap_latent):
+    from engine.parallel.vae_halo import halo_split_decode
+
+    return halo_split_decode(vae, latents, group)
+
+
+def _tile_decode(vae, latents, group, tile_latent, overlap_latent):
+    from engine.parallel.vae import split_decode
+
+    return split_decode(vae, latents, group, tile_latent, overlap_latent)
+
+
+SPLIT_DECODES = {"halo": _halo_decode, "tiles": _tile_decode}
+"""How `DiTWorker.decode` splits the VAE decode over the group's ranks."""

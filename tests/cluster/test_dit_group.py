@@ -119,8 +119,9 @@ def test_cancel_and_progress(cfg_group, reference):
 
 
 def test_split_vae_decode_on_group(cfg_group, tiny_wan_dir):
-    """The group's ranks decode different tiles of tiny-wan's VAE; rank 0 blends: equals the
-    single-process tiled decode with the same tiles."""
+    """The group's ranks decode tiny-wan's VAE together. "halo" (default): row stripes with halo
+    exchange, equal to the plain single-process decode. "tiles": different tiles per rank, blended
+    on rank 0, equal to the single-process tiled decode with the same tiles."""
     from engine.families import get_family
     from engine.loading import resolve_checkpoint
     from engine.models.wan.vae import tiled_decode
@@ -130,9 +131,17 @@ def test_split_vae_decode_on_group(cfg_group, tiny_wan_dir):
     options = EngineOptions(parallel=ParallelConfig(cfg=2, ulysses=1))
     group.get(group.call("load_vae", "tiny-wan", options))
     latents = Latents(torch.randn(16, 2, 12, 12, generator=torch.Generator().manual_seed(0)))
-    videos = group.get(group.call("decode", latents, (8, 8), (4, 4)))
-    assert videos[1] is None
     vae = get_family("wan2.1").load_vae(resolve_checkpoint("tiny-wan"), EngineOptions())
+
+    videos = group.get(group.call("decode", latents))
+    assert videos[1] is None
+    with torch.no_grad():
+        plain = vae.decode(latents.latents[None])
+    assert videos[0].shape == plain.shape == (1, 3, 5, 96, 96)
+    assert (videos[0] - plain).norm() / plain.norm() < 1e-5
+
+    videos = group.get(group.call("decode", latents, "tiles", (8, 8), (4, 4)))
+    assert videos[1] is None
     with torch.no_grad():
         want = tiled_decode(vae, latents.latents[None], (8, 8), (4, 4))
     assert videos[0].shape == want.shape == (1, 3, 5, 96, 96)
