@@ -148,7 +148,6 @@ def run_local(model: str, device: str, dtype: str, reqs: list[dict]) -> dict:
 def run_graph(model: str, device: str, dtype: str, reqs: list[dict], data_dir: str,
               fractions: dict) -> dict:
     """The Serve app on this machine, the N requests submitted at once over HTTP."""
-    import httpx
     import ray
     from ray import serve
 
@@ -170,14 +169,13 @@ def run_graph(model: str, device: str, dtype: str, reqs: list[dict], data_dir: s
     t = time.perf_counter()
     serve.run(build_app(args), name="bench", route_prefix="/")
     startup = time.perf_counter() - t
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=600) as client:
-        # Warm-up: one request through every stage.
-        _wait_all(client, [client.post("/v1/videos", json=reqs[0]).raise_for_status().json()["id"]])
-        start = time.perf_counter()
-        ids = [client.post("/v1/videos", json=r).raise_for_status().json()["id"] for r in reqs]
-        finished = _wait_all(client, ids)
-        total = time.perf_counter() - start
+    client = _Http(f"http://127.0.0.1:{port}")
+    # Warm-up: one request through every stage.
+    _wait_all(client, [client.post("/v1/videos", reqs[0])["id"]])
+    start = time.perf_counter()
+    ids = [client.post("/v1/videos", r)["id"] for r in reqs]
+    finished = _wait_all(client, ids)
+    total = time.perf_counter() - start
     failed = [v for v in finished.values() if v["status"] != "completed"]
     latencies = [v["completed_at_perf"] - start for v in finished.values()]
     serve.shutdown()
@@ -189,13 +187,34 @@ def run_graph(model: str, device: str, dtype: str, reqs: list[dict], data_dir: s
             "gpu_fractions": fractions if gpu else None}
 
 
-def _wait_all(client, ids: list[str], poll_s: float = 0.1) -> dict[str, dict]:
+class _Http:
+    """Tiny JSON client on urllib (the GPU machine's image may lack httpx)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def post(self, path: str, body: dict) -> dict:
+        import urllib.request
+
+        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def get(self, path: str) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + path, timeout=600) as r:
+            return json.loads(r.read())
+
+
+def _wait_all(client: _Http, ids: list[str], poll_s: float = 0.1) -> dict[str, dict]:
     done: dict[str, dict] = {}
     while len(done) < len(ids):
         for i in ids:
             if i in done:
                 continue
-            v = client.get(f"/v1/videos/{i}").raise_for_status().json()
+            v = client.get(f"/v1/videos/{i}")
             if v["status"] in ("completed", "failed"):
                 v["completed_at_perf"] = time.perf_counter()
                 done[i] = v

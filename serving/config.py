@@ -56,6 +56,9 @@ class DiTArgs(_Strict):
     max_queued_requests: int = Field(32, ge=-1)
     graceful_shutdown_timeout_s: float = Field(600.0, gt=0)
     """Longer than the longest job, so a downscale does not cut one off."""
+    health_check_period_s: float = Field(10.0, gt=0)
+    """How often Serve calls `check_health` (a dead rank fails it; the replica is replaced)."""
+    health_check_timeout_s: float = Field(60.0, gt=0)
     progress_poll_s: float = Field(0.25, gt=0)
     """How often the replica asks rank 0 for the step count while a job denoises."""
 
@@ -175,6 +178,8 @@ def deployment_options(args: AppArgs) -> dict[str, dict[str, Any]]:
         "max_ongoing_requests": dit.max_ongoing_requests,
         "max_queued_requests": dit.max_queued_requests,
         "graceful_shutdown_timeout_s": dit.graceful_shutdown_timeout_s,
+        "health_check_period_s": dit.health_check_period_s,
+        "health_check_timeout_s": dit.health_check_timeout_s,
     }
     if gpu:
         # Bundle 0 holds the replica actor; one GPU bundle per rank, all on one node.

@@ -33,8 +33,8 @@ def run_demo(out_path: str, port: int, data_dir: str, timeout_s: float = 300.0) 
                             log_to_driver=False)
     try:
         with httpx.Client(base_url=service.url, timeout=60) as client:
-            body = {"prompt": "a lighthouse on a cliff at sunset, waves crashing", "size": "128x128",
-                    "seconds": "2", "steps": 40, "seed": 42}
+            body = {"prompt": "a lighthouse on a cliff at sunset, waves crashing", "size": "256x256",
+                    "seconds": "4", "steps": 40, "seed": 42}
             video = client.post("/v1/videos", json=body).raise_for_status().json()
             print(f"submitted {video['id']}: {video['status']}, {video['size']}, {video['seconds']} s", flush=True)
             deadline, last = time.monotonic() + timeout_s, None

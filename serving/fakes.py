@@ -4,8 +4,10 @@
 Inject them through `AppArgs`: `engine_cls="serving.fakes:FakeStageEngine"` with
 `engine_kwargs={"text_s", "image_s", "decode_s", "timeline"}`, and
 `dit_worker_cls="serving.fakes:FakeDiTWorker"` with `dit_worker_kwargs={"step_s", "timeline"}`.
-Every stage call appends one JSON line `{"stage", "prompt", "start", "end"}` to that file
-(wall-clock seconds), so a test can see which stages overlapped.
+Every stage call appends one JSON line `{"stage", "prompt", "start", "end", "pid"}` to that file
+(wall-clock seconds), so a test can see which stages overlapped; the DiT worker also writes a
+`denoise_start` line when a job starts. A prompt starting with `FAIL_DECODE` makes the decoder
+raise (error paths).
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ class FakeStageEngine:
 
     def decode_stage(self):
         def decode(r: ResolvedRequest, latents: Latents) -> EncodedVideo:
+            if r.prompt.startswith("FAIL_DECODE"):
+                raise RuntimeError(f"fake decoder asked to fail for {r.prompt!r}")
             return EncodedVideo(data=b"FAKE-MP4 " + r.prompt.encode(), num_frames=r.num_frames,
                                 height=r.height, width=r.width, fps=r.fps)
         return _FakeStage("decode", self.delays["decode"], self.timeline, decode)
@@ -103,6 +107,7 @@ class FakeDiTWorker:
         from stages.base import Cancelled
 
         start = time.time()
+        _record(self.timeline, "denoise_start", request, start)
         for step in range(request.steps):
             with self._lock:
                 if job_id in self._cancelled:

@@ -21,7 +21,7 @@ import contextvars
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -38,6 +38,8 @@ from serving.jobstore import JobNotFound, JobRecord, SQLiteJobStore, new_job_id
 from stages.request import ResolvedRequest
 
 log = logging.getLogger("ray.serve")
+
+T = TypeVar("T")
 
 DENOISE_SHARE = 95
 """Progress points given to denoising; the decode takes the job to 100."""
@@ -131,20 +133,13 @@ class Ingress:
 
     # ------------------------------------------------------------------ the job
     async def _run_job(self, job_id: str, request: ResolvedRequest) -> None:
-        deadline = time.monotonic() + self.args.ingress.busy_timeout_s
-        backoff = 0.5
         try:
-            while True:
-                try:
-                    await self._run_graph(job_id, request)
-                    return
-                except BackPressureError:
-                    if time.monotonic() + backoff > deadline:
-                        raise
-                    self.busy_retries += 1
-                    log.info("job %s: a stage queue is full, retrying in %.1f s", job_id, backoff)
-                    await asyncio.sleep(backoff * (1 + random.random()))
-                    backoff = min(backoff * 2, 10.0)
+            # 1. Encoders + DiT group -> a reference to the latents.
+            latents = await self._retry_busy(job_id, lambda: self._denoise(job_id, request))
+            # 2. Decode (the decoder fetches the latents itself) and store the MP4.
+            video = await self._retry_busy(job_id, lambda: self._decoder.decode.remote(request, latents))
+            self.store.save_result(job_id, video.data)
+            self.store.set_status(job_id, "completed", progress=100)
         except asyncio.CancelledError:
             log.info("job %s cancelled", job_id)
             raise
@@ -157,13 +152,13 @@ class Ingress:
             self.store.set_status(job_id, "failed", error_code="generation_failed",
                                   error_message=_error_message(err))
 
-    async def _run_graph(self, job_id: str, request: ResolvedRequest) -> None:
-        # 1. Encoders: responses passed on unawaited (object store to object store).
+    async def _denoise(self, job_id: str, request: ResolvedRequest) -> LatentsRef:
+        # Encoder responses are passed on unawaited: Serve resolves them object store to object
+        # store before the DiT call is assigned to a replica.
         text = self._text.encode.remote(request)
         image = self._image.encode.remote(request) if request.image is not None else None
-        # 2. Denoise: progress events, then a reference to the latents.
-        latents: LatentsRef | None = None
         stream = self._dit.options(stream=True).denoise.remote(job_id, request, text, image)
+        latents: LatentsRef | None = None
         try:
             async for event in stream:
                 if isinstance(event, DenoiseProgress):
@@ -178,10 +173,24 @@ class Ingress:
             raise
         if latents is None:
             raise RuntimeError("the DiT group finished without returning latents")
-        # 3. Decode (the decoder fetches the latents itself) and store the MP4.
-        video = await self._decoder.decode.remote(request, latents)
-        self.store.save_result(job_id, video.data)
-        self.store.set_status(job_id, "completed", progress=100)
+        return latents
+
+    async def _retry_busy(self, job_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`await call()`, again after a backoff while a stage's queue is full
+        (`BackPressureError`), for up to `ingress.busy_timeout_s`. Only the rejected step is
+        repeated: a full decoder queue never re-runs the denoising."""
+        deadline = time.monotonic() + self.args.ingress.busy_timeout_s
+        backoff = 0.5
+        while True:
+            try:
+                return await call()
+            except BackPressureError:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                self.busy_retries += 1
+                log.info("job %s: a stage queue is full, retrying in %.1f s", job_id, backoff)
+                await asyncio.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 10.0)
 
     # ------------------------------------------------------------------ HTTP
     def __serve_build_asgi_app__(self) -> FastAPI:

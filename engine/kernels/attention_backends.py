@@ -69,5 +69,5 @@ def register_backends() -> None:
             name="sage_fp8",
             fn=sage_fp8_attention,
             requirement=sage_fp8_requirement,
-            description="Triton SageAttention2-style: smoothed INT8 Q/K per block, FP8 P·V (V per channel)",
+            description="Triton SageAttention2-style: smoothed FP8 Q/K per block, FP8 P·V (V per channel)",
         ))

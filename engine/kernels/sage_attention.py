@@ -180,9 +180,11 @@ class SageConfig(NamedTuple):
     """Rescale the accumulator only in blocks where a row's running max grew."""
 
 
-# Defaults: the fastest of a sweep on one H200 at the Wan-14B 480p shape (40 heads x 32,760
-# tokens x 128; docs/BENCHMARKS.md): 16-bit P·V (128, 64, 4, 4) 36.9 ms; FP8 P·V (128, 128, 4, 3)
-# 31.1 ms; cuDNN SDPA 38.0 ms. bench/ sweeps SAGE_CONFIGS (and SAGE_VARIANTS for FP8 P·V).
+# Defaults: the fastest of the sweeps on one H200 at the Wan-14B 480p shape (40 heads x 32,760
+# tokens x 128; docs/BENCHMARKS.md): 16-bit P·V (128, 64, 4, 4) 36.9-37.3 ms; FP8 P·V with FP8 Q/K
+# (128, 128, 4, 3) 29.5 ms (31.1-31.3 ms with INT8 Q/K); cuDNN SDPA 38-39 ms. skip_rescale was
+# 2.3x SLOWER there (the data-dependent branch stops Triton's software pipelining of the loop).
+# bench/ sweeps SAGE_CONFIGS (and SAGE_VARIANTS for FP8 P·V).
 SAGE_CONFIGS: list[SageConfig] = [SageConfig(*c) for c in [
     (128, 64, 4, 4),
     (128, 128, 4, 3),
@@ -203,7 +205,7 @@ SAGE_VARIANTS: list[SageConfig] = [
     SageConfig(128, 64, 4, 4, qk_fp8=True, skip_rescale=True),
 ]
 """Hopper variants tried for FP8 P·V (FP8 Q/K, lazy rescale, larger BLOCK_N / deeper pipelines)."""
-_sage_config: dict[bool, SageConfig] = {False: SAGE_CONFIGS[0], True: SAGE_CONFIGS[1]}
+_sage_config: dict[bool, SageConfig] = {False: SAGE_CONFIGS[0], True: SageConfig(128, 128, 4, 3, qk_fp8=True)}
 
 
 def set_sage_config(cfg: tuple, pv_fp8: bool = False) -> None:

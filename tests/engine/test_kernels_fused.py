@@ -98,3 +98,19 @@ def test_optimize_transformer_fuses_only_on_cuda_and_vae_untouched_on_cpu():
     vae = torch.nn.Conv3d(2, 2, 1)
     assert optimize_vae(vae, EngineOptions(device="cpu")) is vae
     assert vae.weight.is_contiguous()
+
+
+@pytest.mark.gpu
+def test_fused_model_on_cuda_bf16():
+    """On a GPU (eager: the Triton norm + rotary kernel) the fused bf16 model tracks the original."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    model = tiny().to("cuda", torch.bfloat16)
+    fused = copy.deepcopy(model)
+    fuse_attention(fused)
+    x, t, ctx, _ = inputs()
+    args = (x.to("cuda", torch.bfloat16), t.cuda(), ctx.to("cuda", torch.bfloat16))
+    with torch.no_grad():
+        ref, out = model(*args), fused(*args)
+    assert rel(out.float(), ref.float()) < 2e-2

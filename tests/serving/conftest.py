@@ -76,7 +76,8 @@ def served(ray_session, tmp_path_factory, tiny_wan_dir) -> ServedApps:
         "engine_cls": "serving.fakes:FakeStageEngine", "dit_worker_cls": "serving.fakes:FakeDiTWorker",
         "engine_kwargs": {**FAKE_DELAYS, "timeline": str(timeline)},
         "dit_worker_kwargs": {"step_s": FAKE_STEP_S, "timeline": str(timeline)},
-        "dit": {"max_ongoing_requests": 1, "max_queued_requests": 1, "progress_poll_s": 0.05},
+        "dit": {"max_ongoing_requests": 1, "max_queued_requests": 1, "progress_poll_s": 0.05,
+                "health_check_period_s": 1, "health_check_timeout_s": 5},
         "ingress": {"max_pending_jobs": 4, "retry_after_s": 3},
     })
     serve.run_many([RunTarget(wan, name="wan", route_prefix="/wan"),
