@@ -18,6 +18,6 @@ demo: $(STAMP)
 	$(BIN)/python -m serving.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
 
 .PHONY: venv demo test

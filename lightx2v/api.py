@@ -43,14 +43,16 @@ class LightX2V:
 
     @classmethod
     def from_pretrained(cls, model: str, device: str = "cuda", dtype: str = "bfloat16",
-                        **engine_options: Any) -> "LightX2V":
+                        spec_name: str | None = None, **engine_options: Any) -> "LightX2V":
         """`model`: a registry name ("tiny-wan") or a local checkpoint directory (either layout).
+        `spec_name`: the registry entry whose defaults a directory should use when its config
+        cannot tell (e.g. "wan2.1-i2v-14b-720p": 480p and 720p I2V share one architecture).
         Extra keywords are engine options: attention=, quantization=, offload=, vae_tiling=,
         compile=, parallel={"cfg": 2, "ulysses": 2}."""
         from engine.loading import resolve_checkpoint
 
         options = build_engine_options(device, dtype, engine_options)
-        ckpt = resolve_checkpoint(model)
+        ckpt = resolve_checkpoint(model, spec_name=spec_name)
         denoise = None
         if options.parallel.world_size > 1:
             # The DiT runs on cfg x ulysses worker processes (Ray is started locally if needed);

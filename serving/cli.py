@@ -38,6 +38,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="bfloat16 on cuda, float32 on cpu by default")
     p.add_argument("--attention", default="sdpa", help="attention backend (default sdpa)")
     p.add_argument("--quantization", default="none", choices=["none", "fp8", "int8"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU after warm-up)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in spatial tiles (bounded memory)")
     p.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2],
                    help="CFG-parallel degree: 2 runs the two guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1,
@@ -74,7 +76,8 @@ def generate_main(args: argparse.Namespace) -> int:
     parallel = {"cfg": args.cfg_parallel, "ulysses": args.ulysses_degree}
     try:
         model = LightX2V.from_pretrained(args.model, device=device, dtype=dtype, attention=args.attention,
-                                         quantization=args.quantization, parallel=parallel)
+                                         quantization=args.quantization, compile=args.compile,
+                                         vae_tiling=args.vae_tiling, parallel=parallel)
     except ValueError as e:  # e.g. a Ulysses degree the heads do not divide
         print(f"error: {e}", file=sys.stderr)
         return 2

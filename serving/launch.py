@@ -30,6 +30,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--attention", default="sdpa", help="attention backend name")
     parser.add_argument("--quantization", choices=["none", "fp8", "int8"], default="none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode the VAE in spatial tiles (bounded memory)")
     parser.add_argument("--cfg-parallel", type=int, default=1, help="CFG-parallel degree (1 or 2)")
     parser.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence-parallel degree")
     parser.add_argument("--max-pending-jobs", type=int, default=64,
@@ -45,7 +47,8 @@ def app_args_from(ns: argparse.Namespace) -> AppArgs:
     return AppArgs(
         model=ns.model, data_dir=os.path.abspath(ns.data_dir), device=ns.device,
         dtype=ns.dtype or ("bfloat16" if on_gpu else "float32"), attention=ns.attention,
-        quantization=ns.quantization, cfg_parallel=ns.cfg_parallel, ulysses_degree=ns.ulysses_degree,
+        quantization=ns.quantization, compile=ns.compile, vae_tiling=ns.vae_tiling,
+        cfg_parallel=ns.cfg_parallel, ulysses_degree=ns.ulysses_degree,
         replica_cpus=ns.replica_cpus if ns.replica_cpus is not None else (1.0 if on_gpu else 0.0),
         ingress={"max_pending_jobs": ns.max_pending_jobs},
     )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from engine.guidance import CFGPredictor, GuidedPredictor
+from engine.offload import resident
 from stages.base import Cancelled, Stage, StageError, expect_finite, expect_shape
 from stages.payloads import ImageCond, Latents, TextEmbeds
 from stages.request import ResolvedRequest
@@ -86,17 +87,18 @@ class DenoiseStage(Stage):
         # 3. Sampler loop: velocity with guidance, then one sampler step.
         sampler = make_sampler(request.sampler, request.steps, request.shift)
         timesteps = sampler.timesteps.to(torch.float32)
-        for i in range(request.steps):
-            if should_cancel is not None and should_cancel():
-                raise Cancelled(f"request cancelled before step {i + 1} of {request.steps}")
-            x = latents.to(dtype)
-            if cond is not None:
-                x = torch.cat([x, cond], dim=1)                              # (1, C + C_cond, F_lat, H_lat, W_lat)
-            t = timesteps[i].reshape(1).to(device)                           # (1,)
-            velocity = self.predictor(x, t, context, negative, request.guidance_scale, clip)
-            latents = sampler.step(velocity, i, latents).to(torch.float32)
-            if progress is not None:
-                progress(i + 1, request.steps)
+        with resident(self.transformer):  # offload='model': the weights go to the GPU once per request
+            for i in range(request.steps):
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled(f"request cancelled before step {i + 1} of {request.steps}")
+                x = latents.to(dtype)
+                if cond is not None:
+                    x = torch.cat([x, cond], dim=1)                          # (1, C + C_cond, F_lat, H_lat, W_lat)
+                t = timesteps[i].reshape(1).to(device)                       # (1,)
+                velocity = self.predictor(x, t, context, negative, request.guidance_scale, clip)
+                latents = sampler.step(velocity, i, latents).to(torch.float32)
+                if progress is not None:
+                    progress(i + 1, request.steps)
 
         return Latents(latents=latents[0].cpu())
 

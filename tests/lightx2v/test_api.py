@@ -111,3 +111,10 @@ def test_unknown_engine_option_and_unknown_model():
 def test_parallel_option_is_validated():
     with pytest.raises(ValueError, match="parallel.cfg"):
         LightX2V.from_pretrained("tiny-wan", device="cpu", dtype="float32", parallel={"cfg": 3})
+
+
+def test_spec_name_picks_the_entry_and_refuses_one_that_does_not_fit(tiny_wan_dir):
+    model = LightX2V.from_pretrained(tiny_wan_dir, device="cpu", dtype="float32", spec_name="tiny-wan")
+    assert model.spec.name == "tiny-wan"
+    with pytest.raises(ValueError, match="spec_name='wan2.1-t2v-14b' does not fit"):
+        LightX2V.from_pretrained(tiny_wan_dir, device="cpu", dtype="float32", spec_name="wan2.1-t2v-14b")

@@ -163,10 +163,16 @@ class WanFamily:
 
     def load_transformer(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
         """`WanTransformer` in eval mode on the options' device and dtype (norms etc. float32),
-        with the options' quantization, attention backend and compile applied."""
+        with the options' quantization, attention backend, compile and offload applied (with
+        offload on CUDA the weights are built and optimised in CPU memory, then engine.offload
+        places them)."""
         from engine.kernels import optimize_transformer
         from engine.models.wan.transformer import WanTransformer
+        from engine.offload import apply_offload, check_offload, storage_device
+        from engine.quant import check_quantization
 
+        check_offload(options)
+        check_quantization(options.quantization, options.torch_device)  # the compute device, not storage
         config = read_dit_config(ckpt.path, ckpt.layout)
         if ckpt.layout == "diffusers":
             state_dict = lazy_safetensors(ckpt.file("transformer"))
@@ -177,9 +183,9 @@ class WanFamily:
             del state_dict[key]
         model = build_module(
             lambda: WanTransformer(config), state_dict, dtype=options.torch_dtype,
-            device=options.torch_device, keep_in_fp32=WanTransformer.keep_in_fp32,
+            device=storage_device(options), keep_in_fp32=WanTransformer.keep_in_fp32,
         )
-        return optimize_transformer(model, options)
+        return apply_offload(optimize_transformer(model, options), options)
 
     def load_vae(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
         """`WanVAE` in eval mode on the options' device and dtype (channels-last on CUDA)."""
