@@ -46,7 +46,10 @@ class EngineOptions:
     quantization: Quantization = "none"
     """DiT linear-layer quantization."""
     offload: Offload = "none"
-    """CPU offload granularity of the DiT."""
+    """CPU offload of the DiT (engine/offload.py): "model" = weights in pinned CPU memory, copied
+    to the GPU once per request; "block" = non-block weights on the GPU, blocks streamed through
+    two GPU slots with prefetch. A logged no-op on the CPU; refused with parallel world size > 1
+    and ("block") with compile=True."""
     vae_tiling: bool = False
     """Decode the VAE in spatial tiles to bound memory."""
     compile: bool = False

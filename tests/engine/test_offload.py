@@ -310,3 +310,25 @@ def test_block_offload_cuda_matches_plain():
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(model(*args), ref_model(*args), rtol=0, atol=0)
+
+
+def test_denoise_stage_copies_the_model_once_per_request():
+    """offload="model" through the denoise stage: `resident()` around the sampler loop, so one
+    weight copy for all steps (and both CFG branches), weights back in storage afterwards."""
+    from stages.denoise import DenoiseStage
+    from stages.request import GenerationRequest
+    from stages.text_encode import TextEncodeStage
+    from tests.stages.fakes import SPEC, TEXT_DIM, FakeTextEncoder
+
+    torch.manual_seed(0)
+    model = WanTransformer(WanDiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                        out_channels=16, ffn_dim=32, num_layers=2, text_dim=TEXT_DIM,
+                                        freq_dim=8)).eval().requires_grad_(False)
+    off = ModelOffload(model, compute=CPU, storage=CPU)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(off.is_resident))
+    options = EngineOptions(device="cpu")
+    req = GenerationRequest(prompt="a red fox", seed=3, steps=3).resolve(SPEC)
+    out = DenoiseStage(model, options)(req, TextEncodeStage(FakeTextEncoder())(req))
+    assert len(calls) == 3 and off.copies == 1 and not off.is_resident
+    assert torch.isfinite(out.latents).all()
