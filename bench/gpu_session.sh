@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU call for the serving/cluster measurements (issues 3 and 4), as run by the lead:
 #   device run, carry [.whl-serve], command: bash bench/gpu_session.sh
-# .whl-serve = ../shared/tools/device-wheelhouse.sh .whl-all all, minus diffusers (Ray Serve + deps).
+# .whl-serve = ../shared/tools/device-wheelhouse.sh .whl-all all, minus diffusers (Ray Serve + deps),
+# plus ftfy and wcwidth (the text encoder requires ftfy): pip download --no-deps --only-binary=:all:
+#   --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl-serve ftfy wcwidth
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false

@@ -10,7 +10,8 @@ Lifecycle (vLLM-style), each step a collective call over the group (`WorkerGroup
                                  all ranks run the sampler loop; rank 0 returns the Latents,
                                  the others None
     load_vae(checkpoint, opts) / decode(latents)
-                                 optional: the VAE decode split into spatial tiles over the ranks
+                                 optional: the VAE decode split over the ranks (row stripes with
+                                 halo exchange by default, or overlapping tiles)
     cancel(job_id) / progress(job_id)
                                  answered while denoise runs (the group's actors are threaded)
     check_health() / shutdown()
@@ -18,6 +19,11 @@ Lifecycle (vLLM-style), each step a collective call over the group (`WorkerGroup
 Cancellation is agreed: before every step each rank contributes its local flag to an all-reduce
 (max), so all ranks stop at the same step and none is left waiting in a collective. A cancel that
 arrives before its job starts is kept until the job runs.
+
+Calls that run collectives (`warm_up`, `denoise`, `decode`) take one lock per rank, but the
+caller must still issue them one at a time: the actors are threaded, so two calls in flight at
+once could start in different orders on different ranks and pair their collectives wrongly
+(`GroupDenoiseStage` and the `DiTGroup` deployment hold a lock around each request).
 """
 from __future__ import annotations
 
@@ -127,11 +133,18 @@ class DiTWorker:
     def denoise(self, request: "ResolvedRequest | GenerationRequest", text_embeds: "TextEmbeds",
                 image_cond: "ImageCond | None", job_id: str) -> "Latents | None":
         """Run the sampler loop on every rank; rank 0 returns the Latents, the others None.
-        Raises `stages.base.Cancelled` on every rank when the job was cancelled."""
+        Raises `stages.base.Cancelled` on every rank when the job was cancelled.
+
+        A `GenerationRequest` is resolved on each rank, so it must carry its seed (each rank
+        would draw a different random seed, i.e. different noise, otherwise)."""
         from stages.request import GenerationRequest
 
         stage = self._require_stage()
         if isinstance(request, GenerationRequest):
+            if request.seed is None and request.latents is None:
+                raise ValueError("seed: a GenerationRequest sent to the DiT group needs a seed (or "
+                                 "latents): every rank resolves it and would draw its own; resolve "
+                                 "it once (request.resolve(spec)) or set seed")
             request = request.resolve(self.spec)
         with self._run_lock:
             self._set_progress(job_id, 0, request.steps)
@@ -169,7 +182,7 @@ class DiTWorker:
         ctx = self._require_ctx()
         group = SINGLE if ctx.world_size == 1 else SubGroup(dist.group.WORLD, ctx.world_size, ctx.rank)
         x = latents.latents[None].to(self.device)
-        with torch.no_grad():
+        with self._run_lock, torch.no_grad():  # never two threads' collectives at once
             video = SPLIT_DECODES[mode](self.vae, x, group, tile_latent, overlap_latent)
         return None if video is None else video.float().cpu()
 
@@ -190,7 +203,9 @@ class DiTWorker:
         """Raises if this rank cannot work (device lost); returns a short status."""
         ctx = self._require_ctx()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)   # raises on a sticky CUDA error
+            # Raises on a sticky CUDA error without waiting for a running job's queued kernels
+            # (the DiTGroup deployment calls this from Serve's periodic health check).
+            torch.cuda.current_stream(self.device).query()
         return {"rank": ctx.rank, "device": str(self.device), "loaded": self.stage is not None}
 
     def shutdown(self) -> None:

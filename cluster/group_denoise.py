@@ -7,12 +7,14 @@ parallel={"cfg": 2, "ulysses": 2})`) and the CLI use it; the service's `DiTGroup
 a `WorkerGroup` itself.
 
 It starts Ray locally when no Ray instance is connected, one worker per rank (one GPU each on
-CUDA, gloo on CPU), loads the DiT on every rank and warms it up. While a request runs it polls
-rank 0's progress for the callback and turns `should_cancel()` into a `cancel` on the group.
+CUDA, gloo on CPU), loads the DiT on every rank and warms it up. Requests run one at a time
+(concurrent callers wait). While a request runs it polls rank 0's progress for the callback and
+turns `should_cancel()` into a `cancel` on the group (asked before the request starts too).
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -49,6 +51,7 @@ class GroupDenoiseStage:
     def __init__(self, group: WorkerGroup, options: EngineOptions) -> None:
         self.group = group
         self.options = options
+        self._lock = threading.Lock()  # one request at a time on the group (see __call__)
 
     @classmethod
     def start(cls, ckpt: "Checkpoint | str", options: EngineOptions,
@@ -56,6 +59,11 @@ class GroupDenoiseStage:
         """Start the group for `options.parallel`, load the DiT of `ckpt` on it, warm it up."""
         ensure_ray()
         gpus = 1.0 if options.torch_device.type == "cuda" else 0.0
+        total = ray.cluster_resources().get("GPU", 0)
+        if gpus and total < options.parallel.world_size:
+            raise ValueError(
+                f"parallel: cfg={options.parallel.cfg} x ulysses={options.parallel.ulysses} needs "
+                f"{options.parallel.world_size} GPUs (one per rank), the Ray cluster has {total:g}")
         group = WorkerGroup(DiTWorker, options.parallel.world_size, gpus_per_worker=gpus,
                             timeout_s=timeout_s)
         try:
@@ -71,20 +79,32 @@ class GroupDenoiseStage:
     def __call__(self, request: "ResolvedRequest", text: "TextEmbeds", image: "ImageCond | None" = None,
                  *, timings: dict[str, float] | None = None, progress: "ProgressFn | None" = None,
                  should_cancel: "CancelFn | None" = None) -> "Latents":
+        from stages.base import Cancelled
+
         job_id = uuid.uuid4().hex
         start = time.perf_counter()
-        refs = self.group.call("denoise", request, text, image, job_id)
-        last, cancel_sent = 0, False
-        while not ray.wait([refs[0]], timeout=POLL_S)[0]:
-            if should_cancel is not None and not cancel_sent and should_cancel():
-                self.group.call("cancel", job_id)
-                cancel_sent = True
-            if progress is not None:
-                p = self.group.get(self.group.call_rank(0, "progress", job_id))
-                if p is not None and p["step"] > last:
-                    last = p["step"]
-                    progress(last, p["total"])
-        latents = self.group.get(refs)[0]  # raises the workers' error (Cancelled, a dead rank)
+        # One request at a time: the workers are threaded actors, so two `denoise` calls in flight
+        # could start in different orders on different ranks and pair their collectives wrongly.
+        with self._lock:
+            # 1. Cancelled already (e.g. while waiting for the group): stop before step 1, as the
+            #    in-process DenoiseStage does.
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"request cancelled before step 1 of {request.steps}")
+            refs = self.group.call("denoise", request, text, image, job_id)
+            # 2. Until the first rank returns: forward cancel, report rank 0's progress.
+            last, cancel_sent = 0, False
+            while not ray.wait(refs, num_returns=1, timeout=POLL_S)[0]:
+                if should_cancel is not None and not cancel_sent and should_cancel():
+                    self.group.call("cancel", job_id)
+                    cancel_sent = True
+                if progress is not None:
+                    p = self.group.get(self.group.call_rank(0, "progress", job_id))
+                    if p is not None and p["step"] > last:
+                        last = p["step"]
+                        progress(last, p["total"])
+            # 3. All ranks. A rank that raised while the others wait in a collective fails the
+            #    group after a short grace (WorkerGroup.get) instead of hanging until the timeout.
+            latents = self.group.get(refs)[0]  # raises the workers' error (Cancelled, a dead rank)
         if progress is not None and last < request.steps:
             progress(request.steps, request.steps)
         if timings is not None:

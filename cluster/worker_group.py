@@ -249,9 +249,18 @@ class WorkerGroup:
             raise
 
     def _start(self, init_args: tuple, init_kwargs: dict) -> None:
-        actors = [self._make_actor(i) for i in range(self.world_size)]
-        self._actors = actors  # so a failure below kills them
-        infos = ray.get([a.node_info.remote() for a in actors], timeout=self.timeout_s)
+        self._actors = actors = []
+        for i in range(self.world_size):
+            actors.append(self._make_actor(i))  # in self._actors at once: a failure kills them
+        try:
+            infos = ray.get([a.node_info.remote() for a in actors], timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerGroupError(
+                f"the {self.world_size} workers did not all start within {self.timeout_s:g} s: each "
+                f"needs {self.gpus_per_worker:g} GPU and {self.cpus_per_worker:g} CPU"
+                + (" in a bundle of the caller's placement group"
+                   if ray.util.get_current_placement_group() is not None else "")
+                + f"; the cluster has {ray.available_resources()} free") from None
 
         # 1. Ranks sorted by (node IP, GPU id); creation order breaks ties.
         order = sorted(range(len(actors)),
@@ -352,12 +361,13 @@ class WorkerGroup:
         after ``STRAGGLER_GRACE_S``, those are stuck in a collective the failed rank never joins;
         the group is failed (``fail``) so they stop now instead of at the process-group timeout.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         if isinstance(refs, list) and len(refs) > 1:
             cause = self._wait_in_step(refs, timeout)
             if cause is not None:
                 raise cause  # the error of the rank that left the step first
         try:
-            return ray.get(refs, timeout=timeout)
+            return ray.get(refs, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except ray.exceptions.RayActorError as err:
             time.sleep(_MONITOR_POLL_S)  # let the monitor record which rank died first
             raise WorkerGroupError(self._failure or f"a worker of the group died: {err}") from err
@@ -377,7 +387,7 @@ class WorkerGroup:
         while True:
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=_MONITOR_POLL_S)
             if not pending or (deadline is not None and time.monotonic() > deadline):
-                return None
+                return None  # the caller's ray.get raises the error / times out
             for ref in ready:
                 if ref in checked:
                     continue

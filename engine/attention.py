@@ -9,8 +9,9 @@ outside:
 - sequence parallelism swaps a whole `AttentionCore` module for a version that does all-to-all
   around an inner core.
 
-A backend's requirement is checked when it is *selected* (`get_backend`), so a backend that cannot
-run on the device fails at start-up with the reason, never mid-request.
+A backend's requirement is checked when it is *selected* (`get_backend`), and its head sizes
+against the model's (`check_head_dim`, called by the loaders), so a backend that cannot run fails
+at start-up with the reason, never mid-request.
 
 "sdpa" (`torch.nn.functional.scaled_dot_product_attention`, which picks flash / memory-efficient /
 math kernels itself) is registered here and is the default.
@@ -51,6 +52,8 @@ class AttentionBackend:
     """Checked when the backend is selected for a device."""
     description: str = ""
     """One line for listings and error messages."""
+    head_dims: tuple[int, ...] | None = None
+    """Head sizes the backend supports (checked at start-up by `check_head_dim`); None: any."""
 
 
 _BACKENDS: dict[str, AttentionBackend] = {}
@@ -89,6 +92,15 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> AttentionBacke
             f"(known backends: {known})"
         )
     return backend
+
+
+def check_head_dim(backend: AttentionBackend, head_dim: int) -> None:
+    """Raise ValueError at start-up if `backend` cannot take the model's head size."""
+    if backend.head_dims is not None and head_dim not in backend.head_dims:
+        raise ValueError(
+            f"attention backend {backend.name!r} does not support head dim {head_dim} "
+            f"(supported: {', '.join(map(str, backend.head_dims))}); pick another backend, e.g. {DEFAULT_BACKEND!r}"
+        )
 
 
 class AttentionCore(nn.Module):

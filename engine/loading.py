@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, TypeVar
 
@@ -137,25 +138,45 @@ def read_pth(path: str) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- module building
 
 
+class _MetaPatch:
+    """nn.Module.register_parameter, patched while any thread is inside `params_on_meta()`; the
+    patch sends parameters to meta only on the threads that asked (a thread-local depth)."""
+
+    lock = threading.Lock()
+    users = 0                               # threads inside params_on_meta() now
+    original: Callable | None = None        # the unpatched register_parameter while patched
+    thread = threading.local()              # .depth > 0: this thread is inside
+
+    @staticmethod
+    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if getattr(_MetaPatch.thread, "depth", 0) and param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        _MetaPatch.original(module, name, param)  # type: ignore[misc]
+
+
 @contextlib.contextmanager
 def params_on_meta() -> Iterator[None]:
     """Inside, new parameters are created on the meta device (no memory, no init cost).
 
     Buffers stay real: modules often compute non-persistent buffers (rotary tables, position
-    ids) in `__init__`, and those are not in the checkpoint.
+    ids) in `__init__`, and those are not in the checkpoint. Only the calling thread is affected:
+    a module built meanwhile on another thread keeps real parameters.
     """
-    original = nn.Module.register_parameter
-
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    with _MetaPatch.lock:
+        if _MetaPatch.users == 0:
+            _MetaPatch.original = nn.Module.register_parameter
+            nn.Module.register_parameter = _MetaPatch.register_parameter  # type: ignore[method-assign]
+        _MetaPatch.users += 1
+    _MetaPatch.thread.depth = getattr(_MetaPatch.thread, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _MetaPatch.thread.depth -= 1
+        with _MetaPatch.lock:
+            _MetaPatch.users -= 1
+            if _MetaPatch.users == 0:
+                nn.Module.register_parameter = _MetaPatch.original  # type: ignore[method-assign]
+                _MetaPatch.original = None
 
 
 def match_prefix(prefix: str) -> Callable[[nn.Module, "Weights"], "Weights"]:

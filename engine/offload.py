@@ -188,6 +188,20 @@ class TensorSlots:
         for (owner, name), t in zip(self.buffers, tensors[n:]):
             owner._buffers[name] = t
 
+    def move_each(self, move: Callable[[Tensor], Tensor]) -> list[Tensor]:
+        """Re-point each tensor to `move(tensor)`, one at a time (so an original is released before
+        the next is copied: never the whole module twice); returns the new tensors in order."""
+        moved: list[Tensor] = []
+        for p in self.params:
+            t = move(p.data)
+            p.data = t
+            moved.append(t)
+        for owner, name in self.buffers:
+            t = move(owner._buffers[name])
+            owner._buffers[name] = t
+            moved.append(t)
+        return moved
+
     def signature(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [(tuple(t.shape), t.dtype) for t in self.tensors()]
 
@@ -221,8 +235,7 @@ class ModelOffload:
         self.compute, self.storage = torch.device(compute), torch.device(storage)
         pin = (self.compute.type == "cuda" and self.storage.type == "cpu") if pin is None else pin
         self.slots = TensorSlots.of(model)
-        self.stored = [to_storage(t, self.storage, pin) for t in self.slots.tensors()]
-        self.slots.point_to(self.stored)
+        self.stored = self.slots.move_each(lambda t: to_storage(t, self.storage, pin))
         self.is_resident = False
         self.copies = 0
         """Full weight copies made so far (tests, logs)."""
@@ -312,7 +325,7 @@ class BlockOffload:
 
         # 1. non-block tensors: to the compute device, once
         rest = TensorSlots.of(model, exclude=blocks)
-        rest.point_to([t.to(self.compute) for t in rest.tensors()])
+        rest.move_each(lambda t: t.to(self.compute))
 
         # 2. block tensors: to (pinned) storage, one block at a time
         self.blocks = [TensorSlots.of(b) for b in blocks]
@@ -325,8 +338,7 @@ class BlockOffload:
             if slots.signature() != signature:
                 raise ValueError(f"offload='block': block {i} holds different tensor shapes/dtypes than "
                                  "block 0; block offload needs identical blocks")
-            self.stored.append([to_storage(t, self.storage, pin) for t in slots.tensors()])
-            slots.point_to(self.stored[i])
+            self.stored.append(slots.move_each(lambda t: to_storage(t, self.storage, pin)))
 
         # 3. two block-sized slots on the compute device
         self.slots = [_Slot([torch.empty_like(t, device=self.compute) for t in self.stored[0]]) for _ in range(2)]

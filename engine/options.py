@@ -23,10 +23,10 @@ class ParallelConfig:
     """Ulysses sequence-parallel degree (>= 1); heads must divide by it."""
 
     def __post_init__(self) -> None:
-        if self.cfg not in (1, 2):
-            raise ValueError(f"parallel.cfg must be 1 or 2, got {self.cfg}")
-        if not isinstance(self.ulysses, int) or self.ulysses < 1:
-            raise ValueError(f"parallel.ulysses must be an integer >= 1, got {self.ulysses}")
+        if isinstance(self.cfg, bool) or self.cfg not in (1, 2):
+            raise ValueError(f"parallel.cfg must be 1 or 2, got {self.cfg!r}")
+        if isinstance(self.ulysses, bool) or not isinstance(self.ulysses, int) or self.ulysses < 1:
+            raise ValueError(f"parallel.ulysses must be an integer >= 1, got {self.ulysses!r}")
 
     @property
     def world_size(self) -> int:
@@ -40,7 +40,9 @@ class EngineOptions:
     device: str = "cpu"
     """Torch device string: "cpu", "cuda", "cuda:1", ..."""
     dtype: DType = "float32"
-    """Compute dtype of the DiT and VAE ("float32" on CPU is the parity setting)."""
+    """Compute dtype of every component: DiT (its norms, modulation and time embedder stay float32),
+    VAE, text and image encoders (umT5 runs "float16" as bfloat16: it overflows in float16).
+    "float32" on CPU is the parity setting."""
     attention: str = "sdpa"
     """Attention backend, a name in engine.attention's registry."""
     quantization: Quantization = "none"
@@ -57,12 +59,24 @@ class EngineOptions:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device string such as cpu, cuda, cuda:1; "
+                             f"got {self.device!r}") from None
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.quantization not in ("none", "fp8", "int8"):
             raise ValueError(f"quantization must be one of none, fp8, int8; got {self.quantization!r}")
         if self.offload not in ("none", "model", "block"):
             raise ValueError(f"offload must be one of none, model, block; got {self.offload!r}")
+        if not isinstance(self.attention, str) or not self.attention:
+            raise ValueError(f"attention must be an attention backend name (e.g. 'sdpa'), got {self.attention!r}")
+        for name in ("vae_tiling", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.parallel, ParallelConfig):
+            raise ValueError(f"parallel must be a ParallelConfig, got {type(self.parallel).__name__}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

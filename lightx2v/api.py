@@ -23,7 +23,14 @@ def build_engine_options(device: str, dtype: str, engine_options: dict[str, Any]
     options = dict(engine_options)
     parallel = options.pop("parallel", None)
     if isinstance(parallel, dict):
+        unknown_keys = sorted(set(parallel) - set(ParallelConfig.__dataclass_fields__))
+        if unknown_keys:
+            raise TypeError(f"unknown parallel key(s) {', '.join(map(str, unknown_keys))}; known: "
+                            f"{', '.join(ParallelConfig.__dataclass_fields__)}")
         parallel = ParallelConfig(**parallel)
+    if parallel is not None and not isinstance(parallel, ParallelConfig):
+        raise TypeError(f'parallel must be a dict such as {{"cfg": 2, "ulysses": 2}} or a ParallelConfig, '
+                        f"got {type(parallel).__name__}")
     if parallel is not None:
         options["parallel"] = parallel
     known = set(EngineOptions.__dataclass_fields__) - {"device", "dtype"}
@@ -42,7 +49,7 @@ class LightX2V:
         self.last_result: GenerationResult | None = None
 
     @classmethod
-    def from_pretrained(cls, model: str, device: str = "cuda", dtype: str = "bfloat16",
+    def from_pretrained(cls, model: str, device: str = "cuda", dtype: str = "bfloat16", *,
                         spec_name: str | None = None, **engine_options: Any) -> "LightX2V":
         """`model`: a registry name ("tiny-wan") or a local checkpoint directory (either layout).
         `spec_name`: the registry entry whose defaults a directory should use when its config

@@ -78,7 +78,7 @@ def generate_main(args: argparse.Namespace) -> int:
         model = LightX2V.from_pretrained(args.model, device=device, dtype=dtype, attention=args.attention,
                                          quantization=args.quantization, compile=args.compile,
                                          vae_tiling=args.vae_tiling, parallel=parallel)
-    except ValueError as e:  # e.g. a Ulysses degree the heads do not divide
+    except (ValueError, RuntimeError) as e:  # a Ulysses degree the heads do not divide, no CUDA, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0

@@ -9,28 +9,31 @@ branches elsewhere.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.options import EngineOptions, ParallelConfig
-
-DEPLOYMENT_NAMES = ("TextEncoder", "ImageEncoder", "DiTGroup", "VAEDecoder", "Ingress")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StageArgs(_Strict):
-    """Scaling and resources of one stage deployment (text encoder, image encoder, VAE decoder)."""
+class _ScalingArgs(_Strict):
+    """Replicas of one deployment: a fixed count, or autoscaling between two bounds."""
 
-    num_replicas: int | Literal["auto"] = 1
-    """Fixed replica count, or "auto" to autoscale between min_replicas and max_replicas."""
+    num_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """Fixed replica count (>= 1), or "auto" to autoscale between min_replicas and max_replicas."""
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
     """Autoscaling target: requests in flight per replica."""
+
+
+class StageArgs(_ScalingArgs):
+    """Scaling and resources of one stage deployment (text encoder, image encoder, VAE decoder)."""
+
     num_gpus: float = Field(0.0, ge=0)
     """GPU (fraction) per replica when the app runs on GPUs; ignored on CPU."""
     num_cpus: float | None = Field(None, ge=0)
@@ -40,12 +43,9 @@ class StageArgs(_Strict):
     """Callers beyond this wait nowhere: they get BackPressureError (-1 = unbounded)."""
 
 
-class DiTArgs(_Strict):
+class DiTArgs(_ScalingArgs):
     """The DiT group deployment: replicas, and the GPUs of its worker group."""
 
-    num_replicas: int | Literal["auto"] = 1
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
     """GPU (fraction) of each worker actor when the app runs on GPUs (one worker per rank)."""
@@ -82,7 +82,8 @@ class AppArgs(_Strict):
     model: str = "tiny-wan"
     """Registry name or local checkpoint directory."""
     data_dir: str = "data"
-    """Job store: SQLite database and the finished videos."""
+    """Job store: SQLite database and the finished videos. Give an absolute path: a relative one
+    is taken from the ingress replica's working directory (`lightx2v serve` makes it absolute)."""
     # -- engine options (frozen at start-up) --
     device: Literal["cpu", "cuda"] = "cpu"
     """"cuda" asks Ray for GPUs (fractions per stage, a placement group for the DiT group);

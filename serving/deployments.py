@@ -22,6 +22,11 @@ How progress and latents flow (tensors never pass through the ingress):
 4. Cancelling the ingress's call (DELETE of a running job) raises `CancelledError` inside
    `denoise` at its next await; the replica then tells every rank `cancel(job_id)` (the denoise
    loop stops at the next step) and waits for the ranks to stop before releasing the lock.
+5. A rank that raises while the others wait in a collective leaves the group out of step:
+   `WorkerGroup.aget` fails the group after a short grace (its workers are killed), the job fails
+   with that rank's error, `check_health` fails and Serve replaces the replica. A dead rank does
+   the same through the group's liveness monitor. Jobs that reach the replica before it is
+   replaced are refused unstarted (`DiTGroupUnavailable`) and retried by the ingress.
 """
 from __future__ import annotations
 
@@ -39,6 +44,18 @@ from stages.payloads import EncodedVideo, ImageCond, Latents, TextEmbeds
 from stages.request import ResolvedRequest
 
 log = logging.getLogger("ray.serve")
+
+CANCEL_TIMEOUT_S = 60.0
+"""How long a cancelled job's ranks may take to stop before the group is failed."""
+
+
+class DiTGroupUnavailable(RuntimeError):
+    """This replica's worker group has failed and the replica waits to be replaced; the job did
+    not start. The ingress retries it (Serve routes it to a healthy or the new replica)."""
+
+    @classmethod
+    def for_job(cls, job_id: str, failure: str) -> "DiTGroupUnavailable":
+        return cls(f"job {job_id} not started: this DiT replica is being replaced ({failure})")
 
 
 @dataclass(frozen=True)
@@ -59,10 +76,6 @@ class LatentsRef:
 def make_engine(args: AppArgs):
     """The app's stage engine (`args.engine_cls`) for this replica."""
     return import_object(args.engine_cls)(args.model, args.engine_options(), **args.engine_kwargs)
-
-
-async def _await(ref: ray.ObjectRef) -> Any:
-    return await ref
 
 
 class TextEncoder:
@@ -108,8 +121,12 @@ class DiTGroup:
             worker_cls, self.args.world_size,
             gpus_per_worker=self.args.dit.gpus_per_worker if self.args.use_gpus else 0.0)
         self.group.start(**self.args.dit_worker_kwargs)
-        self.group.get(self.group.call("load_model", self.args.model, self.args.engine_options()))
-        self.group.get(self.group.call("warm_up"))
+        try:
+            self.group.get(self.group.call("load_model", self.args.model, self.args.engine_options()))
+            self.group.get(self.group.call("warm_up"))
+        except BaseException:
+            self.group.shutdown()  # a replica that fails to start leaves no workers behind
+            raise
         self._lock = asyncio.Lock()
         self._poll_s = self.args.dit.progress_poll_s
 
@@ -117,52 +134,85 @@ class DiTGroup:
                       image: ImageCond | None) -> AsyncIterator[DenoiseProgress | LatentsRef]:
         """Yields `DenoiseProgress` events, then one `LatentsRef` (streaming method)."""
         async with self._lock:
+            if self.group.failure is not None:
+                raise DiTGroupUnavailable.for_job(job_id, self.group.failure)
             yield DenoiseProgress(0, request.steps)
             # 1. Every rank gets the inputs (WorkerGroup.call stores them once for all ranks).
-            refs = self.group.call("denoise", request, text, image, job_id=job_id)
-            # Awaiting a ref fetches it: for rank 0 that is the latents (MBs, same node), cheap.
-            futures = [asyncio.ensure_future(_await(r)) for r in refs]
             try:
-                # 2. Poll rank 0's step count until every rank finished (or one failed).
+                refs = self.group.call("denoise", request, text, image, job_id=job_id)
+            except WorkerGroupError as err:  # failed since the check above: still not started
+                raise DiTGroupUnavailable.for_job(job_id, str(err)) from None
+            # 2. Wait for all ranks through the group, not on the refs themselves: when one rank
+            #    raises while the others wait in a collective it never joins, `aget` fails the
+            #    group after a short grace (the stuck ranks are killed, `check_health` fails and
+            #    Serve replaces this replica) instead of leaving them blocked until the
+            #    process-group timeout, with the next job queued behind them.
+            done = asyncio.ensure_future(self.group.aget(refs))
+            try:
                 last = 0
-                while True:
-                    _, pending = await asyncio.wait(futures, timeout=self._poll_s,
-                                                    return_when=asyncio.FIRST_EXCEPTION)
-                    if not pending or any(f.done() and f.exception() for f in futures):
-                        break
-                    progress = await self.group.call_rank(0, "progress", job_id)
-                    step = progress["step"] if progress is not None else 0
+                while not (await asyncio.wait([done], timeout=self._poll_s))[0]:
+                    step = await self._progress(job_id)
                     if step > last:
                         last = step
                         yield DenoiseProgress(step, request.steps)
-                # 3. Raise a rank's error here (also the cancellation of a worker), not in the decoder.
-                try:
-                    await asyncio.gather(*futures)
-                except ray.exceptions.RayActorError as err:
-                    raise WorkerGroupError(self.group.failure or f"a DiT worker died: {err}") from err
+                # 3. Raise a rank's error here (also the cancellation of a worker), not in the
+                #    decoder. A dead rank arrives as a WorkerGroupError naming it.
+                await done
             except (asyncio.CancelledError, GeneratorExit):
                 # Cancelled while awaiting (CancelledError) or while suspended at a yield (the
                 # stream is closed: GeneratorExit): either way the ranks must stop.
-                await self._cancel(job_id, futures)
+                await self._cancel(job_id, done)
                 raise
         if last < request.steps:
             yield DenoiseProgress(request.steps, request.steps)
         yield LatentsRef(refs[0])
 
-    async def _cancel(self, job_id: str, futures: list[asyncio.Future]) -> None:
-        """Tell every rank to stop this job and wait until they did (bounded)."""
+    async def _progress(self, job_id: str) -> int:
+        """Rank 0's finished step count (0 if unknown). Never raises: the job's outcome is the
+        ranks' results (a group that broke meanwhile says why there), not a progress query's."""
+        try:
+            progress = await self.group.call_rank(0, "progress", job_id)
+        except (WorkerGroupError, ray.exceptions.RayActorError):
+            return 0
+        except Exception as err:  # noqa: BLE001 - a broken progress() must not orphan the ranks
+            log.warning("DiTGroup: progress(%s) on rank 0 failed: %s", job_id, err)
+            return 0
+        return progress["step"] if progress is not None else 0
+
+    async def _cancel(self, job_id: str, done: asyncio.Future) -> None:
+        """Tell every rank to stop this job and wait until they did. Ranks that do not stop within
+        `CANCEL_TIMEOUT_S` leave the group in an unknown state: it is failed (the replica is
+        replaced) rather than handed the next job."""
         log.info("DiTGroup: cancelling job %s", job_id)
         start = time.monotonic()
         try:
             self.group.call("cancel", job_id)
-            await asyncio.wait(futures, timeout=60)
         except Exception as err:  # noqa: BLE001 - the group may be broken; health check reports it
             log.warning("DiTGroup: cancelling %s failed: %s", job_id, err)
-        log.info("DiTGroup: job %s stopped %.2f s after cancel", job_id, time.monotonic() - start)
+        finished, _ = await asyncio.wait([done], timeout=CANCEL_TIMEOUT_S)
+        if not finished:
+            # Nobody awaits `done` any more: take its outcome when it comes (no asyncio warning).
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self.group.fail(f"DiT group: the ranks did not stop within {CANCEL_TIMEOUT_S:.0f} s "
+                            f"of cancelling job {job_id}; start a new group")
+            return
+        error = None if done.cancelled() else done.exception()  # Cancelled, as asked
+        log.info("DiTGroup: job %s stopped %.2f s after cancel (%s)", job_id,
+                 time.monotonic() - start, type(error).__name__ if error else "finished")
 
     def check_health(self) -> None:
-        """Serve calls this periodically; a dead rank fails it and Serve replaces the replica."""
+        """Serve calls this periodically; a failure gets the replica (and its group) replaced.
+
+        Fails when a rank died or the group is out of step, and when a rank's own
+        `check_health` fails (e.g. a sticky CUDA error): such a rank would fail every job while
+        all its actors are alive."""
         self.group.check_health()
+        timeout = self.args.dit.health_check_timeout_s / 2  # answer before Serve's own timeout
+        try:
+            self.group.get(self.group.call("check_health"), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise WorkerGroupError(f"DiT group: a rank did not answer check_health within "
+                                   f"{timeout:g} s") from None
 
     def __del__(self) -> None:
         group = getattr(self, "group", None)

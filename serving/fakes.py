@@ -7,7 +7,10 @@ Inject them through `AppArgs`: `engine_cls="serving.fakes:FakeStageEngine"` with
 Every stage call appends one JSON line `{"stage", "prompt", "start", "end", "pid"}` to that file
 (wall-clock seconds), so a test can see which stages overlapped; the DiT worker also writes a
 `denoise_start` line when a job starts. A prompt starting with `FAIL_DECODE` makes the decoder
-raise (error paths).
+raise, one starting with `FAIL_RANK1` makes rank 1 of the DiT group raise at its first step while
+the other ranks wait in that step's collective, one starting with `BREAK_DEVICE` makes every
+rank's device "broken": that job and every later one raise, and so does `check_health`, as after
+a sticky CUDA error (error paths).
 """
 from __future__ import annotations
 
@@ -83,7 +86,9 @@ class FakeStageEngine:
 
 
 class FakeDiTWorker:
-    """The DiT worker interface (cluster.DiTWorker) with a sleeping denoise loop."""
+    """The DiT worker interface (cluster.DiTWorker) with a sleeping denoise loop. In a group of
+    several ranks every step is a real collective (the agreed cancel flag, all-reduced over the
+    group's process group, as cluster.DiTWorker does)."""
 
     def __init__(self, *, step_s: float = 0.0, timeline: str | None = None) -> None:
         self.step_s = step_s
@@ -91,10 +96,11 @@ class FakeDiTWorker:
         self._progress: dict[str, int] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
-        self.rank = 0
+        self.rank, self.world_size = 0, 1
+        self.broken: str | None = None
 
     def init_device(self, ctx) -> None:
-        self.rank = ctx.rank
+        self.rank, self.world_size = ctx.rank, ctx.world_size
 
     def load_model(self, checkpoint: str, options: EngineOptions) -> None:
         pass
@@ -108,21 +114,39 @@ class FakeDiTWorker:
 
         start = time.time()
         _record(self.timeline, "denoise_start", request, start)
-        for step in range(request.steps):
-            with self._lock:
-                if job_id in self._cancelled:
-                    self._cancelled.discard(job_id)
+        if request.prompt.startswith("BREAK_DEVICE"):
+            self.broken = f"fake device error (broken by {request.prompt!r})"
+        if self.broken is not None:
+            raise RuntimeError(self.broken)
+        try:
+            for step in range(request.steps):
+                if self.rank == 1 and request.prompt.startswith("FAIL_RANK1"):
+                    raise RuntimeError(f"fake DiT worker rank 1 asked to fail for {request.prompt!r}")
+                if self._agreed_cancel(job_id):
                     _record(self.timeline, "denoise_cancelled", request, start)
                     raise Cancelled(f"job {job_id} cancelled before step {step + 1}")
-            time.sleep(self.step_s)
+                time.sleep(self.step_s)
+                with self._lock:
+                    self._progress[job_id] = step + 1
+        finally:
             with self._lock:
-                self._progress[job_id] = step + 1
-        with self._lock:
-            self._progress.pop(job_id, None)
+                self._progress.pop(job_id, None)
         if self.rank == 0:
             _record(self.timeline, "denoise", request, start)
             return Latents(latents=torch.zeros(request.latent_shape))
         return None
+
+    def _agreed_cancel(self, job_id: str) -> bool:
+        with self._lock:
+            flag = job_id in self._cancelled
+            self._cancelled.discard(job_id)
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the others wait here for a rank that raised
+        return bool(t.item() > 0)
 
     def progress(self, job_id: str) -> dict | None:
         with self._lock:
@@ -134,4 +158,5 @@ class FakeDiTWorker:
             self._cancelled.add(job_id)
 
     def check_health(self) -> None:
-        pass
+        if self.broken is not None:
+            raise RuntimeError(self.broken)

@@ -12,7 +12,8 @@ Job status: `queued` until the DiT group takes the job, `in_progress` while it d
 Admission: at most `ingress.max_pending_jobs` queued+running jobs, beyond that 503 with
 Retry-After. A stage whose own queue is full (`BackPressureError`, from `max_queued_requests`)
 makes the job wait and retry (it stays `queued`) for up to `ingress.busy_timeout_s`, then fail
-with code `server_busy`.
+with code `server_busy`. So does a DiT replica whose worker group failed and that waits to be
+replaced (`DiTGroupUnavailable`: the job had not started there).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from starlette.datastructures import UploadFile
 from serving.api import (ApiError, build_request, format_seconds, model_object, request_params,
                          video_object)
 from serving.config import AppArgs, import_object
-from serving.deployments import DenoiseProgress, LatentsRef
+from serving.deployments import DenoiseProgress, DiTGroupUnavailable, LatentsRef
 from serving.jobstore import JobNotFound, JobRecord, SQLiteJobStore, new_job_id
 from stages.request import ResolvedRequest
 
@@ -177,18 +178,22 @@ class Ingress:
 
     async def _retry_busy(self, job_id: str, call: Callable[[], Awaitable[T]]) -> T:
         """`await call()`, again after a backoff while a stage's queue is full
-        (`BackPressureError`), for up to `ingress.busy_timeout_s`. Only the rejected step is
-        repeated: a full decoder queue never re-runs the denoising."""
+        (`BackPressureError`) or the DiT replica is being replaced (`DiTGroupUnavailable`), for
+        up to `ingress.busy_timeout_s`. Only the rejected step is repeated: a full decoder queue
+        never re-runs the denoising (a refused DiT call does re-run the short encoder calls,
+        which are part of the `_denoise` step)."""
         deadline = time.monotonic() + self.args.ingress.busy_timeout_s
         backoff = 0.5
         while True:
             try:
                 return await call()
-            except BackPressureError:
+            except (BackPressureError, DiTGroupUnavailable) as err:
                 if time.monotonic() + backoff > deadline:
                     raise
                 self.busy_retries += 1
-                log.info("job %s: a stage queue is full, retrying in %.1f s", job_id, backoff)
+                log.info("job %s: %s; retrying in %.1f s", job_id,
+                         "a stage queue is full" if isinstance(err, BackPressureError)
+                         else "the DiT replica is being replaced", backoff)
                 await asyncio.sleep(backoff * (1 + random.random()))
                 backoff = min(backoff * 2, 10.0)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
-ACTIVE_STATUSES: tuple[JobStatus, ...] = ("queued", "in_progress")
 JOB_ID_PATTERN = re.compile(r"^video_[0-9a-f]{32}$")
 RESTART_REASON = "service restarted while the job was running"
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from serving.config import AppArgs
+from serving.config import AppArgs, import_object
 
 APP_NAME = "lightx2v"
 
@@ -88,8 +89,16 @@ def stop_service() -> None:
 
 
 def serve_main(ns: argparse.Namespace) -> int:
-    """Run until Ctrl-C (or SIGTERM), then shut Serve and Ray down."""
-    args = app_args_from(ns)
+    """Run until Ctrl-C (or SIGTERM), then shut Serve and Ray down. Bad flags or an unknown
+    model end with a one-line error (exit code 2) before Ray is started."""
+    from stages.request import describe_error
+
+    try:
+        args = app_args_from(ns)
+        import_object(args.engine_cls).resolve(args.model)
+    except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
+        print(f"error: {describe_error(err)}", file=sys.stderr)
+        return 2
     service = start_service(args, host=ns.host, port=ns.port, name=ns.name)
     print(f"lightx2v: serving {args.model} at {service.url} (data in {args.data_dir})", flush=True)
     print(f"  curl -s {service.url}/v1/videos -H 'content-type: application/json' "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 
-from stages.base import Timings
+from stages.base import Cancelled, Timings
 from stages.decode import DecodeFramesStage, DecodeStage
 from stages.denoise import CancelFn, DenoiseStage, ProgressFn
 from stages.image_encode import ImageEncodeStage
@@ -83,7 +83,7 @@ class LocalPipeline:
     def run(self, request: GenerationRequest | ResolvedRequest, progress: ProgressFn | None = None,
             should_cancel: CancelFn | None = None) -> GenerationResult:
         """Run one request. `progress(step, total)` after each denoising step; `should_cancel()`
-        before each step (True raises `stages.base.Cancelled`)."""
+        before each step and before the decode (True raises `stages.base.Cancelled`)."""
         req = self.resolve(request)
         timings: Timings = {}
         with torch.no_grad():
@@ -98,7 +98,9 @@ class LocalPipeline:
             # 3. Denoise.
             latents = self.denoise(req, text, image, timings=timings, progress=progress,
                                    should_cancel=should_cancel)
-            # 4. Decode to the requested output.
+            # 4. Decode to the requested output (not for a request cancelled during the last step).
+            if req.output_type != "latent" and should_cancel is not None and should_cancel():
+                raise Cancelled("request cancelled before decode")
             output: Output
             if req.output_type == "latent":
                 output = latents

@@ -35,6 +35,9 @@ OutputType = Literal["mp4", "np", "latent"]
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 FPS_RANGE = (1, 120)
+SHIFT_RANGE = (0.01, 100.0)
+"""Allowed sigma shift. Far outside it the shifted sigmas round to 0 or 1 in float32 and the
+samplers divide by zero (NaN latents, or a math domain error mid-request)."""
 MAX_SIDE = 4096
 """Largest height or width in pixels."""
 MAX_FRAMES = 1025
@@ -124,6 +127,8 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
     if a.dtype != np.uint8:
         if not np.issubdtype(a.dtype, np.floating):
             raise ValueError(f"image array must be uint8 (0..255) or float ([0, 1]), got {a.dtype}")
+        if not np.isfinite(a).all():
+            raise ValueError("image array must be finite (no NaN or inf)")
         a = (np.clip(a, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(a))
 
@@ -218,8 +223,9 @@ class GenerationRequest(BaseModel):
     @field_validator("shift")
     @classmethod
     def _shift(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or v <= 0):
-            raise ValueError(f"shift must be a finite number > 0, got {v}")
+        lo, hi = SHIFT_RANGE
+        if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+            raise ValueError(f"shift must be a number in {lo}..{hi:g}, got {v}")
         return v
 
     @field_validator("sampler")

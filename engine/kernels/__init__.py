@@ -1,7 +1,8 @@
 """Optional fast kernels, applied from outside the models.
 
-- quantized attention ("sage_int8", Triton) registered in engine.attention's registry when this
-  package is imported (`register_backends()`; idempotent);
+- quantized attention ("sage_int8", "sage_fp8"; Triton) registered in engine.attention's registry
+  when this package is imported (`register_backends()`; idempotent), with their device and
+  head-size requirements;
 - FP8/INT8 GEMM helpers used by engine.quant (quant_ops);
 - `compile_blocks(model)`: torch.compile of each transformer block (EngineOptions.compile);
 - `fuse_attention(model)`: fused q|k|v (self) and k|v (cross) projections, RMSNorm + rotary in one

@@ -6,6 +6,9 @@ from torch import Tensor
 
 from engine.attention import AttentionBackend, list_backends, register_backend
 
+SAGE_HEAD_DIMS = (16, 32, 64, 128, 256)
+"""Head sizes the Triton kernels take (= sage_attention.HEAD_DIMS; that file imports triton)."""
+
 
 def sage_requirement(device: torch.device, min_capability: tuple[int, int] = (8, 0)) -> str | None:
     """None if the Triton INT8 attention can run on `device`, else the reason."""
@@ -63,6 +66,7 @@ def register_backends() -> None:
             fn=sage_int8_attention,
             requirement=sage_requirement,
             description="Triton SageAttention-style: smoothed INT8 Q/K per block, 16-bit P·V",
+            head_dims=SAGE_HEAD_DIMS,
         ))
     if "sage_fp8" not in list_backends():
         register_backend(AttentionBackend(
@@ -70,4 +74,5 @@ def register_backends() -> None:
             fn=sage_fp8_attention,
             requirement=sage_fp8_requirement,
             description="Triton SageAttention2-style: smoothed FP8 Q/K per block, FP8 P·V (V per channel)",
+            head_dims=SAGE_HEAD_DIMS,
         ))

@@ -21,12 +21,13 @@ from engine.models.wan.transformer import Rope, WanCrossAttention, WanSelfAttent
 def _fused_linear(*linears: nn.Linear) -> nn.Linear:
     """One nn.Linear whose output is the concatenation of `linears`' outputs (same input)."""
     w = torch.cat([lin.weight.detach() for lin in linears], dim=0)
-    has_bias = all(lin.bias is not None for lin in linears)
+    has_bias = any(lin.bias is not None for lin in linears)
     with torch.device("meta"):
         fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
     fused.weight = nn.Parameter(w, requires_grad=False)
-    if has_bias:
-        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
+    if has_bias:  # a linear without bias contributes zeros
+        biases = [lin.bias.detach() if lin.bias is not None else w.new_zeros(lin.out_features) for lin in linears]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
     return fused
 
 
@@ -128,9 +129,13 @@ SWAPS: dict[type[nn.Module], type[nn.Module]] = {
 def fuse_attention(model: nn.Module) -> int:
     """Swap every attention module of `model` with a registered fused version, in place (before
     quantization: the fused projections then quantize as one linear each). Returns the count."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m) in SWAPS]
-    for name, module in targets:
+    names = [name for name, m in model.named_modules() if type(m) in SWAPS]
+    # by name, one at a time: the separate projections of a module are freed as soon as its fused
+    # copy is in place (not all of them held until the end)
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
         setattr(parent, child, SWAPS[type(module)](module))
-    return len(targets)
+        del module
+    return len(names)

@@ -3,7 +3,8 @@
 Self-contained (imports only torch and triton), so tests can load a fresh copy of this file with
 TRITON_INTERPRET=1 and check the kernels on the CPU.
 
-Numerics (the reference math in engine/quant/reference.py does exactly this in float64):
+Numerics (engine/quant/reference.py does the same: the quantization in float32, the product and
+scaling in float64):
   scale_x[m] = max_k |x[m, k]| / QMAX            (QMAX = 448 for FP8 e4m3, 127 for INT8)
   x_q[m, k]  = cast(x[m, k] / scale_x[m])        (INT8: round to nearest, clamp to +-127)
   y[m, n]    = (sum_k x_q[m, k] * w_q[n, k]) * scale_x[m] * scale_w[n] + bias[n]

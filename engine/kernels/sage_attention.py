@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128, 256)
+"""Head sizes the kernels take (a power of two: one tile row per head)."""
 
 
 @triton.jit
@@ -253,7 +255,8 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     seq_k = k.shape[1]
     assert k.shape == v.shape and k.shape[0] == bsz and k.shape[2:] == q.shape[2:], \
         f"sage_attention: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
-    assert dim in (16, 32, 64, 128, 256), f"head dim {dim} unsupported"
+    if dim not in HEAD_DIMS:
+        raise ValueError(f"sage attention: head dim {dim} is not supported (allowed: {HEAD_DIMS})")
     cfg = SageConfig(*config) if config is not None else _sage_config[pv_fp8]
     bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -154,7 +154,9 @@ def self_attention_cores(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_ulysses(model: nn.Module, state: UlyssesState) -> None:
-    """Swap `model.sequence` and every block's `attn1.core` for their Ulysses versions."""
+    """Swap `model.sequence` and every block's `attn1.core` for their Ulysses versions, all
+    sharing `state`. Applying again re-points already swapped cores at the new `state` (a core
+    left on an old state would attend over its local token slice only)."""
     if not hasattr(model, "sequence"):
         raise TypeError(f"{type(model).__name__} has no `sequence` seam; Ulysses cannot be applied")
     attentions = self_attention_cores(model)
@@ -162,5 +164,7 @@ def apply_ulysses(model: nn.Module, state: UlyssesState) -> None:
         raise TypeError(f"{type(model).__name__} has no `attn1.core` self-attention seam")
     model.sequence = UlyssesSequence(state)
     for attn in attentions:
-        if not isinstance(attn.core, UlyssesAttention):
+        if isinstance(attn.core, UlyssesAttention):
+            attn.core.state = state
+        else:
             attn.core = UlyssesAttention(attn.core, state)

@@ -2,7 +2,7 @@
 
 Weights: quantized once at load time, per output channel (w_q (N, K), weight_scale (N,) float32).
 Activations: quantized per token on the fly.  On CUDA:
-  FP8  -> Triton per-token quantization + torch._scaled_mm with row-wise scales (sm_89+);
+  FP8  -> Triton per-token quantization + torch._scaled_mm with row-wise scales (sm_89+, Triton);
   INT8 -> Triton per-token quantization + a Triton INT8 GEMM (torch._int_mm is a slow path on
           H100/H200) with the scales and bias fused in its epilogue (sm_80+).
 Elsewhere (CPU) they run the reference math of engine/quant/reference.py.
@@ -55,7 +55,8 @@ def fp8_requirement(device: torch.device) -> str | None:
         return f"FP8 linears need compute capability >= 8.9 (Ada/Hopper), this GPU has {cap[0]}.{cap[1]}"
     if not hasattr(torch, "_scaled_mm"):
         return f"FP8 linears need torch._scaled_mm (torch {torch.__version__} lacks it)"
-    return None
+    reason = _triton_ok()  # the per-token activation quantization is a Triton kernel
+    return f"FP8 linears need Triton: {reason}" if reason else None
 
 
 def int8_requirement(device: torch.device) -> str | None:
@@ -276,14 +277,14 @@ def quantize_model(model: nn.Module, mode: str, skip: tuple[str, ...] = DEFAULT_
     device = param.device if param is not None else torch.device("cpu")
     check_quantization(mode, device)
     cls = QUANT_MODES[mode]
-    targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not _skipped(name, skip)]
-    for name, linear in targets:
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
+    # by name, one at a time: each high-precision weight is freed as soon as its 8-bit copy is in
+    # place (holding the original modules here would keep the whole model twice until the end)
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_linear(linear))
-        del linear
-    log.info("quantized %d linear layers to %s", len(targets), mode)
+        setattr(parent, child, cls.from_linear(getattr(parent, child)))
+    log.info("quantized %d linear layers to %s", len(names), mode)
     return model
 
 

@@ -118,6 +118,17 @@ def test_cancel_and_progress(cfg_group, reference):
     assert rel_err(out.latents, reference["t2v_odd_tokens"]) < TOL
 
 
+def test_unresolved_request_without_seed_is_refused(cfg_group):
+    """Each rank resolves a GenerationRequest itself: without a seed every rank would draw its own
+    noise and the ranks' latents would silently diverge."""
+    from stages.request import GenerationRequest
+
+    _, text, _ = pr.case_inputs(CASES["t2v_even_tokens"])
+    with pytest.raises(ValueError, match="seed: a GenerationRequest sent to the DiT group needs a seed"):
+        cfg_group.get(cfg_group.call("denoise", GenerationRequest(prompt="p"), text, None, "no-seed"))
+    cfg_group.check_health()
+
+
 def test_split_vae_decode_on_group(cfg_group, tiny_wan_dir):
     """The group's ranks decode tiny-wan's VAE together. "halo" (default): row stripes with halo
     exchange, equal to the plain single-process decode. "tiles": different tiles per rank, blended

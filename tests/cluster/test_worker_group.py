@@ -123,6 +123,16 @@ def test_cpu_group_and_argument_errors(ray_session):
             group.check_health()
 
 
+def test_workers_that_cannot_be_placed_fail_start_clearly(ray_session):
+    """More GPUs per worker than the cluster has: start() fails with what was asked and what is
+    free (not a bare GetTimeoutError after the whole timeout)."""
+    group = WorkerGroup(EchoWorker, 2, gpus_per_worker=100, timeout_s=2)
+    with pytest.raises(WorkerGroupError, match=r"did not all start within 2 s: each needs 100 GPU.*free"):
+        group.start()
+    with pytest.raises(WorkerGroupError, match="not started"):
+        group.check_health()
+
+
 def test_dead_rank_fails_call_in_flight_and_health(ray_session):
     import ray
 

@@ -80,9 +80,14 @@ def test_prompt_clean_matches_diffusers():
         assert prompt_clean(p) == reference(p), p
 
 
-def test_prompt_clean_without_ftfy(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ftfy", None)  # import ftfy -> ImportError
+def test_missing_ftfy_is_refused_at_start_up(monkeypatch, ckpt):
+    """No silent fallback: without ftfy, prompts would differ from the reference pipeline's."""
     assert prompt_clean(" a &amp;amp; b \n c ") == "a & b c"
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # import ftfy -> ImportError
+    with pytest.raises(ImportError, match="needs ftfy"):
+        WAN.load_text_encoder(ckpt, OPTS)
+    with pytest.raises(ImportError, match="needs ftfy"):
+        prompt_clean("a cat")
 
 
 def test_text_encoder_matches_diffusers(ckpt, pipe):
@@ -114,6 +119,21 @@ def test_text_encoder_output_depends_on_the_prompt(ckpt):
 
 
 # --------------------------------------------------------------------------- image
+
+
+def test_text_encoder_serves_concurrent_threads(ckpt):
+    """Serve calls a replica's sync methods from a thread pool: concurrent encodes (the first
+    ones included, which set the tokenizer's padding) give the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[f"a {w} walks in the snow"] for w in ("cat", "dog", "man", "bird", "horse", "fish")]
+    sequential = WAN.load_text_encoder(ckpt, OPTS)
+    expected = [sequential.encode(p) for p in prompts]
+    enc = WAN.load_text_encoder(ckpt, OPTS)  # fresh: its tokenizer has not been called yet
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(enc.encode, prompts))
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 def test_image_encoder_matches_diffusers(ckpt, pipe):

@@ -264,3 +264,17 @@ def test_quant_rows_cuda_matches_reference(kind):
     assert torch.allclose(s.cpu(), s_ref, rtol=1e-6, atol=0)
     mismatch = (q.cpu().float() != q_ref.float()).float().mean().item()
     assert mismatch < 1e-3, mismatch
+
+
+def test_sage_refuses_unsupported_head_dims_with_a_value_error():
+    """A clear ValueError (not an assert that `python -O` strips) before any kernel launch."""
+    from engine.kernels.sage_attention import HEAD_DIMS, sage_attention
+
+    q = torch.randn(1, 4, 2, 12)
+    with pytest.raises(ValueError, match=r"head dim 12 is not supported \(allowed: \(16, 32"):
+        sage_attention(q, q, q)
+    # the registered backends carry the same sizes, for the loader's start-up check
+    from engine import attention
+
+    for name in ("sage_int8", "sage_fp8"):
+        assert attention._BACKENDS[name].head_dims == HEAD_DIMS

@@ -114,3 +114,34 @@ def test_fused_model_on_cuda_bf16():
     with torch.no_grad():
         ref, out = model(*args), fused(*args)
     assert rel(out.float(), ref.float()) < 2e-2
+
+
+def test_fuse_attention_frees_each_original_as_it_goes(monkeypatch):
+    """The separate q/k/v projections of module k are freed before module k+1 is fused."""
+    import weakref
+
+    from engine.kernels import fused_attention as fa
+
+    model = tiny()
+    refs = [weakref.ref(m) for m in model.modules() if type(m) in fa.SWAPS]
+    alive: list[int] = []
+
+    def spying(make):
+        def swap(module):
+            alive.append(sum(r() is not None for r in refs))
+            return make(module)
+        return swap
+
+    monkeypatch.setattr(fa, "SWAPS", {k: spying(v) for k, v in fa.SWAPS.items()})
+    assert fuse_attention(model) == len(refs) == 4
+    assert alive == [4, 3, 2, 1]
+
+
+def test_fused_linear_keeps_a_bias_that_only_some_projections_have():
+    from engine.kernels.fused_attention import _fused_linear
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4, bias=True), torch.nn.Linear(8, 6, bias=False)
+    x = torch.randn(3, 8)
+    fused = _fused_linear(a, b)
+    assert torch.allclose(fused(x), torch.cat([a(x), b(x)], dim=-1), atol=1e-6)

@@ -149,6 +149,31 @@ def test_params_on_meta_does_not_initialise():
     assert lin.weight.device.type == "cpu"
 
 
+def test_params_on_meta_leaves_other_threads_alone():
+    """A module built on another thread while a checkpoint loads keeps real parameters."""
+    import threading
+
+    from engine.loading import params_on_meta
+
+    inside, built = threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def loader() -> None:
+        with params_on_meta():
+            inside.set()
+            built.wait(10)
+            seen["loader"] = nn.Linear(4, 4).weight.device.type
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    assert inside.wait(10)
+    seen["other"] = nn.Linear(4, 4).weight.device.type  # while the loader is inside
+    built.set()
+    thread.join(10)
+    assert seen == {"loader": "meta", "other": "cpu"}
+    assert nn.Module.register_parameter.__qualname__ == "Module.register_parameter"  # unpatched
+
+
 # --------------------------------------------------------------------------- layouts and variants
 
 
@@ -303,6 +328,54 @@ def test_bfloat16_keeps_the_fp32_modules(both):
     x, t, ctx, img = _inputs()
     ref = WAN.load_transformer(both[0], OPTS)(x, t, ctx, img)
     assert rel_err(model(x.bfloat16(), t, ctx.bfloat16(), img.bfloat16()), ref) < 0.05
+
+
+def test_bfloat16_fp32_modules_by_name(both):
+    """The keep-in-fp32 rule spelled out (diffusers' `_keep_in_fp32_modules`), not recomputed."""
+    model = WAN.load_transformer(both[0], EngineOptions(dtype="bfloat16"))
+    params = dict(model.named_parameters())
+    for name in ("scale_shift_table", "blocks.0.scale_shift_table", "blocks.0.norm2.weight",
+                 "condition_embedder.time_embedder.linear_1.weight",
+                 "condition_embedder.image_embedder.norm1.weight"):
+        assert params[name].dtype == torch.float32, name
+    for name in ("condition_embedder.time_proj.weight", "blocks.0.attn1.norm_q.weight",
+                 "blocks.0.ffn.net.0.proj.weight", "proj_out.weight", "patch_embedding.weight"):
+        assert params[name].dtype == torch.bfloat16, name
+
+
+def test_bad_attention_backend_is_refused_before_reading_weights(both, monkeypatch):
+    from engine.models.wan import loader
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("weights were read before the options were checked")
+
+    monkeypatch.setattr(loader, "build_module", no_build)
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'; known backends: .*sdpa"):
+        WAN.load_transformer(both[0], EngineOptions(attention="nope"))
+    with pytest.raises(ValueError, match="'sage_int8' cannot run on device 'cpu'"):
+        WAN.load_transformer(both[0], EngineOptions(attention="sage_int8"))
+    # a backend whose kernels cannot take the model's head size (tiny-wan: 16)
+    from engine.attention import AttentionBackend, register_backend, sdpa_attention, unregister_backend
+
+    register_backend(AttentionBackend("test_dims64", sdpa_attention, head_dims=(64, 128)))
+    try:
+        with pytest.raises(ValueError, match="'test_dims64' does not support head dim 16 .supported: 64, 128"):
+            WAN.load_transformer(both[0], EngineOptions(attention="test_dims64"))
+    finally:
+        unregister_backend("test_dims64")
+
+
+def test_text_encoder_file_with_both_tied_embeddings_loads_one_copy(tiny_wan_dir, tmp_path):
+    """Some exports store `shared.weight` and `encoder.embed_tokens.weight` separately: the model
+    must still hold the (huge) embedding once, tied as transformers ties it."""
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_wan_dir, path)
+    te_file = os.path.join(path, "text_encoder", "model.safetensors")
+    sd = load_file(te_file)
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()
+    save_file(sd, te_file, metadata={"format": "pt"})
+    model = WAN.load_text_encoder(resolve_checkpoint(path), OPTS).model
+    assert model.shared.weight.data_ptr() == model.encoder.embed_tokens.weight.data_ptr()
 
 
 def test_image_encoder_refused_for_t2v_models(both):

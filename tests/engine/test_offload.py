@@ -226,6 +226,28 @@ def test_model_offload_copies_per_call_or_once_per_resident_sequence():
     assert on_compute == [True] * 4                      # ran from the compute copies
 
 
+@pytest.mark.parametrize("cls", [ModelOffload, BlockOffload])
+def test_offloaders_move_weights_one_tensor_at_a_time(monkeypatch, cls):
+    """Host memory: when a tensor is copied to storage (pinned on CUDA), every tensor before it is
+    already re-pointed at its copy, so the model is never held twice."""
+    from engine import offload as off_mod
+
+    model = tiny_model(2)
+    copies: list[torch.Tensor] = []
+    behind: list[int] = []  # per call: earlier copies the model does not point at yet
+
+    def fake_to_storage(t, device, pin):
+        now = ptrs(off_mod.TensorSlots.of(model).tensors())
+        behind.append(sum(c.data_ptr() not in now for c in copies))
+        copies.append(t.clone())  # a fresh tensor, as pin_memory() makes
+        return copies[-1]
+
+    monkeypatch.setattr(off_mod, "to_storage", fake_to_storage)
+    kwargs = {"streams": SyncStreams()} if cls is BlockOffload else {}
+    cls(model, compute=CPU, storage=CPU, **kwargs)
+    assert len(copies) > 10 and behind == [0] * len(copies)
+
+
 # ---------------------------------------------------------------------------------------------
 # options, refusals, loader
 

@@ -107,3 +107,16 @@ def test_module_swaps_self_attention_only():
     img = torch.randn(1, pr.IMG_TOKENS, pr.IMG_DIM)
     with torch.no_grad():
         assert torch.equal(model(x, t, ctx, img), pr.build_model("i2v")(x, t, ctx, img))
+
+
+def test_applying_twice_keeps_one_shared_state():
+    """A second apply_parallel (e.g. a reloaded mesh) must leave every Ulysses core on the state of
+    the new sequence seam; a core on a stale state would attend over its local tokens only."""
+    from engine.parallel.ulysses import UlyssesAttention
+
+    model = pr.build_model("t2v")
+    apply_parallel(model, _fake_mesh(1, 2))
+    predictor = apply_parallel(model, _fake_mesh(2, 2))
+    cores = [b.attn1.core for b in model.blocks]
+    assert all(isinstance(c, UlyssesAttention) and not isinstance(c.inner, UlyssesAttention) for c in cores)
+    assert all(c.state is model.sequence.state is predictor.state for c in cores)

@@ -13,7 +13,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))  # spawn children import this file by basename
 
-from engine.models.wan.vae import CausalConv3d, WanVAE, WanVAEConfig  # noqa: E402
+from parallel_ranks import build_vae  # noqa: E402  (tiny VAE shared with test_parallel_vae)
+
+from engine.models.wan.vae import CausalConv3d  # noqa: E402
 from engine.parallel.mesh import SINGLE, SubGroup  # noqa: E402
 from engine.parallel.vae_halo import (  # noqa: E402
     HaloCausalConv3d,
@@ -51,21 +53,6 @@ CASES = {
         Case("sub12_h5", (1, 2), (1, 4, 3, 5, 4), dst=1),                   # group {1, 2} of 3
     ),
 }
-
-
-def build_vae() -> WanVAE:
-    """Deterministic tiny Wan VAE (z_dim 4, mid-block width 32) with random norms and biases."""
-    torch.manual_seed(0)
-    vae = WanVAE(WanVAEConfig(base_dim=8, z_dim=4, latents_mean=(0.1, -0.2, 0.0, 0.3),
-                              latents_std=(1.5, 0.8, 1.0, 1.2))).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return vae
 
 
 def case_latents(case: Case) -> torch.Tensor:

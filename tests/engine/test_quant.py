@@ -117,6 +117,26 @@ def test_quantize_model_custom_skip_and_none():
     assert isinstance(model.proj_out, Int8Linear)                # default skip replaced
 
 
+def test_quantize_model_frees_each_original_as_it_goes(monkeypatch):
+    """Peak weight memory: when layer k is quantized, layers 0..k-1 must already be gone (not the
+    whole high-precision model held beside its 8-bit copy until the end)."""
+    import weakref
+
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    refs = [weakref.ref(m) for m in model]
+    alive: list[int] = []
+    original = Int8Linear.from_linear.__func__
+
+    def spy(cls, linear):
+        alive.append(sum(r() is not None for r in refs))
+        return original(cls, linear)
+
+    monkeypatch.setattr(Int8Linear, "from_linear", classmethod(spy))
+    quantize_model(model, "int8", skip=())
+    assert alive == [4, 3, 2, 1]
+    assert all(isinstance(m, Int8Linear) for m in model)
+
+
 def test_quantize_wan_transformer_forward():
     from engine.models.wan.transformer import WanDiTConfig, WanTransformer
 
@@ -148,6 +168,11 @@ def test_refusals_name_the_reason(monkeypatch):
     monkeypatch.setattr(qlinear, "_cuda_capability", lambda device: (7, 5))
     with pytest.raises(RuntimeError, match="INT8 linears need compute capability >= 8.0"):
         check_quantization("int8", "cuda")
+    monkeypatch.setattr(qlinear, "_cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(qlinear, "_triton_ok", lambda: "triton is not importable (test)")
+    for mode, fmt in (("fp8", "FP8"), ("int8", "INT8")):   # both run Triton activation quantization
+        with pytest.raises(RuntimeError, match=f"{fmt} linears need Triton: triton is not importable"):
+            check_quantization(mode, "cuda")
     monkeypatch.setattr(qlinear, "_cuda_capability", lambda device: None)
     with pytest.raises(RuntimeError, match="need a CUDA device"):
         quantize_model(_Tiny().to("meta"), "int8")

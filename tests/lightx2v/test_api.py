@@ -111,6 +111,30 @@ def test_unknown_engine_option_and_unknown_model():
 def test_parallel_option_is_validated():
     with pytest.raises(ValueError, match="parallel.cfg"):
         LightX2V.from_pretrained("tiny-wan", device="cpu", dtype="float32", parallel={"cfg": 3})
+    with pytest.raises(TypeError, match="unknown parallel key.*sp; known: cfg, ulysses"):
+        LightX2V.from_pretrained("tiny-wan", device="cpu", dtype="float32", parallel={"sp": 2})
+    with pytest.raises(TypeError, match='parallel must be a dict such as {"cfg": 2, "ulysses": 2}'):
+        LightX2V.from_pretrained("tiny-wan", device="cpu", dtype="float32", parallel=(2, 2))
+
+
+def test_facade_signature_is_the_documented_one():
+    """Issue 2 item 7 keeps these exactly (names, order, defaults); extensions are keyword-only."""
+    import inspect
+
+    gen = inspect.signature(LightX2V.generate).parameters
+    positional = [(n, p.default) for n, p in gen.items()
+                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional == [
+        ("self", inspect.Parameter.empty), ("prompt", inspect.Parameter.empty),
+        ("negative_prompt", None), ("image", None), ("video_length", None), ("resolution", None),
+        ("steps", None), ("guidance_scale", None), ("shift", None), ("sampler", None),
+        ("seed", None), ("fps", None), ("latents", None), ("output_type", "mp4"), ("output_path", None)]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for n, p in gen.items() if n in ("progress", "should_cancel"))
+    pre = inspect.signature(LightX2V.from_pretrained).parameters
+    positional = [(n, p.default) for n, p in pre.items()
+                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert positional == [("model", inspect.Parameter.empty), ("device", "cuda"), ("dtype", "bfloat16")]
+    assert pre["spec_name"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_spec_name_picks_the_entry_and_refuses_one_that_does_not_fit(tiny_wan_dir):

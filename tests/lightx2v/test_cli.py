@@ -81,3 +81,12 @@ def test_generate_does_not_import_ray_serve():
             "print('ray.serve' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    from serving.cli import main
+
+    code = main(["generate", "--prompt", "x", "--device", "cuda", "-o", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "cpu" in err, err

@@ -54,6 +54,8 @@ def test_autoscaling_and_queue_bounds():
     ({"dtype": "bfloat16"}, "dtype"),  # on cpu
     ({"dit": {"gpus_per_worker": 0}}, "gpus_per_worker"),
     ({"bogus": 1}, "bogus"),
+    ({"text_encoder": {"num_replicas": 0}}, "text_encoder.num_replicas"),
+    ({"dit": {"num_replicas": -1}}, "dit.num_replicas"),
 ])
 def test_bad_args_name_the_field(bad, field):
     with pytest.raises(ValidationError) as info:

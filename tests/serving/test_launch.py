@@ -39,3 +39,19 @@ def test_cli_serve_subcommand_uses_these_flags():
 
     ns = build_parser(serve_arguments=True).parse_args(["serve", "--model", "tiny-wan", "--port", "8765"])
     assert app_args_from(ns).model == "tiny-wan" and ns.port == 8765
+
+
+@pytest.mark.parametrize("argv,field", [
+    (("--cfg-parallel", "3"), "cfg_parallel"),
+    (("--model", "/nonexistent/checkpoint"), "model"),
+])
+def test_serve_main_refuses_bad_flags_before_starting_ray(monkeypatch, capsys, argv, field):
+    import serving.launch as launch
+
+    def must_not_start(*_a, **_k):
+        raise AssertionError("Ray must not be started for invalid flags")
+
+    monkeypatch.setattr(launch, "start_service", must_not_start)
+    assert launch.serve_main(_parse(*argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and field in err, err

@@ -47,9 +47,11 @@ def png_bytes(image: Image.Image = IMAGE) -> bytes:
     ("guidance_scale", -0.5, ">= 0"),
     ("guidance_scale", float("nan"), "finite"),
     ("guidance_scale", float("inf"), "finite"),
-    ("shift", 0.0, "> 0"),
-    ("shift", -1.0, "> 0"),
-    ("shift", float("nan"), "finite"),
+    ("shift", 0.0, "0.01..100"),
+    ("shift", -1.0, "0.01..100"),
+    ("shift", float("nan"), "0.01..100"),
+    ("shift", 0.001, "0.01..100"),     # sigmas round to 0: NaN latents
+    ("shift", 1000.0, "0.01..100"),    # sigmas round to 1: the samplers' log(1 - sigma) fails
     ("sampler", "ddim", "unipc, euler, dpmpp2m"),
     ("seed", -1, "0..2**63-1"),
     ("seed", 2**63, "0..2**63-1"),
@@ -59,6 +61,7 @@ def png_bytes(image: Image.Image = IMAGE) -> bytes:
     ("image", "not base64 !!", "base64"),
     ("image", b"not an image", "decoded"),
     ("image", np.zeros((4, 4)), "(H, W, 3)"),
+    ("image", np.full((4, 4, 3), np.nan, np.float32), "finite"),
     ("latents", "noise", "tensor"),
     ("latents", torch.zeros(16, 2, 2), "(C, F_lat, H_lat, W_lat)"),
     ("latents", torch.full((16, 2, 2, 3), float("nan")), "finite"),
@@ -83,7 +86,7 @@ def test_unknown_field_refused():
 
 @pytest.mark.parametrize("field, value", [
     ("num_frames", 1), ("num_frames", 1025), ("steps", 1), ("steps", 1000), ("guidance_scale", 0.0),
-    ("guidance_scale", 1.0), ("shift", 0.01), ("seed", 0), ("seed", 2**63 - 1), ("fps", 1), ("fps", 120),
+    ("guidance_scale", 1.0), ("shift", 0.01), ("shift", 100.0), ("seed", 0), ("seed", 2**63 - 1), ("fps", 1), ("fps", 120),
     ("sampler", "euler"), ("sampler", "dpmpp2m"),
 ])
 def test_boundary_values_accepted(field, value):

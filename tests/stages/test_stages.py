@@ -222,6 +222,23 @@ def test_local_pipeline_with_fakes(output_type, with_image):
         np.testing.assert_allclose(result.output.frames, frames, atol=0)
 
 
+def test_pipeline_cancel_after_the_last_step_skips_the_decode():
+    pipe, *_ = fake_pipeline()
+    asked: list[int] = []
+
+    def should_cancel() -> bool:  # False before each of the 3 steps, True after the last one
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(Cancelled, match="before decode"):
+        pipe.run(GenerationRequest(prompt="a fox", seed=5), should_cancel=should_cancel)
+    assert len(asked) == 4
+    # nothing left to cancel for the latents: they are returned
+    asked.clear()
+    out = pipe.run(GenerationRequest(prompt="a fox", seed=5, output_type="latent"), should_cancel=should_cancel)
+    assert isinstance(out.output, Latents) and len(asked) == 3
+
+
 def test_pipeline_refuses_request_resolved_for_another_model():
     pipe, *_ = fake_pipeline()
     from tests.stages.test_request import T2V

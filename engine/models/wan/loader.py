@@ -20,8 +20,8 @@ import re
 import torch
 
 from engine.loading import (
-    Checkpoint, Layout, OFFICIAL_WEIGHTS_STEM, build_module, lazy_safetensors, match_prefix, read_json,
-    read_pth,
+    Checkpoint, Layout, OFFICIAL_WEIGHTS_STEM, Weights, build_module, lazy_safetensors, match_prefix,
+    read_json, read_pth,
 )
 from engine.models.wan import keymap_clip, keymap_dit, keymap_t5
 from engine.models.wan.image_encoder import WanImageEncoder, clip_image_processor_cls
@@ -60,8 +60,9 @@ def read_dit_config(path: str, layout: Layout):
 
     if layout == "diffusers":
         return WanDiTConfig.from_dict(read_json(os.path.join(path, "transformer", "config.json")))
-    shapes = keymap_dit.official_to_diffusers(safetensors_shapes(path))
-    has_image = "condition_embedder.image_embedder.norm1.weight" in shapes
+    raw_shapes = safetensors_shapes(path)
+    has_image = keymap_dit.has_image_embedder(raw_shapes)  # what the weights show, not model_type
+    shapes = keymap_dit.official_to_diffusers(raw_shapes)
     config = WanDiTConfig.from_official(read_json(os.path.join(path, "config.json")), has_image_embedder=has_image)
     overrides = {
         "text_dim": shapes["condition_embedder.text_embedder.linear_1.weight"][1],
@@ -106,11 +107,17 @@ def infer_vae_config(state_dict: dict[str, torch.Tensor]):
     )
 
 
-def _fill_tied_t5(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """UMT5's `shared` and `encoder.embed_tokens` are one matrix; files may store either."""
-    if "shared.weight" not in state_dict and "encoder.embed_tokens.weight" in state_dict:
+def _fill_tied_t5(state_dict: Weights) -> Weights:
+    """UMT5's `shared` and `encoder.embed_tokens` are one matrix (tied, as transformers ties them
+    on load); files may store either or both. Both keys get the same tensor, so it is read and
+    held once (umT5-XXL's embedding is 1 B parameters; a second copy from a file that stores both
+    is never read)."""
+    if "shared.weight" not in state_dict:
+        if "encoder.embed_tokens.weight" not in state_dict:
+            raise ValueError("the umT5 checkpoint has no token embedding (neither shared.weight nor "
+                             "encoder.embed_tokens.weight)")
         state_dict["shared.weight"] = state_dict["encoder.embed_tokens.weight"]
-    state_dict.setdefault("encoder.embed_tokens.weight", state_dict["shared.weight"])
+    state_dict["encoder.embed_tokens.weight"] = state_dict["shared.weight"]
     return state_dict
 
 
@@ -166,14 +173,17 @@ class WanFamily:
         with the options' quantization, attention backend, compile and offload applied (with
         offload on CUDA the weights are built and optimised in CPU memory, then engine.offload
         places them)."""
-        from engine.kernels import optimize_transformer
+        from engine.attention import check_head_dim, get_backend
+        from engine.kernels import optimize_transformer  # (also registers the kernels' attention backends)
         from engine.models.wan.transformer import WanTransformer
         from engine.offload import apply_offload, check_offload, storage_device
         from engine.quant import check_quantization
 
+        # refuse impossible options before any weight is read (the compute device, not storage)
         check_offload(options)
-        check_quantization(options.quantization, options.torch_device)  # the compute device, not storage
-        config = read_dit_config(ckpt.path, ckpt.layout)
+        check_quantization(options.quantization, options.torch_device)
+        config = read_dit_config(ckpt.path, ckpt.layout)  # (headers only)
+        check_head_dim(get_backend(options.attention, options.torch_device), config.attention_head_dim)
         if ckpt.layout == "diffusers":
             state_dict = lazy_safetensors(ckpt.file("transformer"))
         else:

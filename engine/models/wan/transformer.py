@@ -494,7 +494,9 @@ class WanTransformer(nn.Module):
     def keeps_fp32(cls, param_name: str) -> bool:
         """Whether a parameter stays float32 in a low-precision model (diffusers' rule: a
         component of the dotted name is in `keep_in_fp32`)."""
-        return any(part in cls.keep_in_fp32 for part in param_name.split("."))
+        from engine.loading import keeps_fp32
+
+        return keeps_fp32(param_name, cls.keep_in_fp32)
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, image_context: Tensor | None = None) -> Tensor:
         """x (B, C_in, F, H, W); timestep (B,) in [0, 1000]; context (B, L_txt, text_dim);

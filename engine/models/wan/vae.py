@@ -466,12 +466,14 @@ class WanVAE(nn.Module):
     @classmethod
     def from_state_dict(cls, config: WanVAEConfig, state_dict: dict[str, Tensor],
                         device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> "WanVAE":
-        """Build on the meta device and assign the (diffusers-keyed) tensors: no double init."""
-        with torch.device("meta"):
-            vae = cls(config)
-        state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
-        vae.load_state_dict(state_dict, strict=True, assign=True)
-        return vae.eval()
+        """Build on the meta device and assign the (diffusers-keyed) tensors: no double init
+        (`engine.loading.build_module`: one tensor cast and moved at a time; `dtype` None keeps
+        the tensors' own). The caller's dict is left as it was."""
+        from engine.loading import build_module
+
+        if dtype is None:
+            dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), torch.float32)
+        return build_module(lambda: cls(config), dict(state_dict), dtype=dtype, device=device)
 
     # -- properties ---------------------------------------------------------------------------
 
