@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from cluster.worker_group import WorkerContext
+from cluster.worker_group import WorkerContext, WorkerGroup
 from engine.options import EngineOptions
 
 if TYPE_CHECKING:
@@ -241,6 +241,23 @@ class DiTWorker:
         if self.stage is None:
             raise RuntimeError("DiTWorker: no model loaded; call load_model(checkpoint, options) first")
         return self.stage
+
+
+def start_dit_group(worker_cls: type, world_size: int, checkpoint: "str | Checkpoint",
+                    options: EngineOptions, *, gpus_per_worker: float, timeout_s: float = 600,
+                    **worker_kwargs: Any) -> WorkerGroup:
+    """A started group of `world_size` DiT workers with the DiT of `checkpoint` loaded and warmed
+    up on every rank. On any failure the group is shut down (no workers left behind) and the
+    error raised."""
+    group = WorkerGroup(worker_cls, world_size, gpus_per_worker=gpus_per_worker, timeout_s=timeout_s)
+    group.start(**worker_kwargs)
+    try:
+        group.get(group.call("load_model", checkpoint, options))
+        group.get(group.call("warm_up"))
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
 
 
 def _halo_decode(vae, latents, group, tile_latent, overlap_latent):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from cluster.dit_worker import DiTWorker
+from cluster.dit_worker import DiTWorker, start_dit_group
 from cluster.worker_group import WorkerGroup
 from engine.options import EngineOptions
 
@@ -64,15 +64,8 @@ class GroupDenoiseStage:
             raise ValueError(
                 f"parallel: cfg={options.parallel.cfg} x ulysses={options.parallel.ulysses} needs "
                 f"{options.parallel.world_size} GPUs (one per rank), the Ray cluster has {total:g}")
-        group = WorkerGroup(DiTWorker, options.parallel.world_size, gpus_per_worker=gpus,
-                            timeout_s=timeout_s)
-        try:
-            group.start()
-            group.get(group.call("load_model", ckpt, options))
-            group.get(group.call("warm_up"))
-        except BaseException:
-            group.shutdown()
-            raise
+        group = start_dit_group(DiTWorker, options.parallel.world_size, ckpt, options,
+                                gpus_per_worker=gpus, timeout_s=timeout_s)
         log.info("DiT group ready: %s", "; ".join(r.describe() for r in group.ranks))
         return cls(group, options)
 

@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from cluster import WorkerGroup, WorkerGroupError
+from cluster import WorkerGroupError
 from serving.config import AppArgs, import_object
 from stages.payloads import EncodedVideo, ImageCond, Latents, TextEmbeds
 from stages.request import ResolvedRequest
@@ -116,17 +116,13 @@ class DiTGroup:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
-        worker_cls = import_object(self.args.dit_worker_cls)
-        self.group = WorkerGroup(
-            worker_cls, self.args.world_size,
-            gpus_per_worker=self.args.dit.gpus_per_worker if self.args.use_gpus else 0.0)
-        self.group.start(**self.args.dit_worker_kwargs)
-        try:
-            self.group.get(self.group.call("load_model", self.args.model, self.args.engine_options()))
-            self.group.get(self.group.call("warm_up"))
-        except BaseException:
-            self.group.shutdown()  # a replica that fails to start leaves no workers behind
-            raise
+        from cluster.dit_worker import start_dit_group
+
+        self.group = start_dit_group(
+            import_object(self.args.dit_worker_cls), self.args.world_size, self.args.model,
+            self.args.engine_options(),
+            gpus_per_worker=self.args.dit.gpus_per_worker if self.args.use_gpus else 0.0,
+            **self.args.dit_worker_kwargs)  # a replica that fails to start leaves no workers behind
         self._lock = asyncio.Lock()
         self._poll_s = self.args.dit.progress_poll_s
 
