@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from typing import Sequence, get_args
+
+from engine.options import DType, Quantization
 
 
 def _size(value: str) -> tuple[int, int]:
@@ -34,17 +36,27 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=int, default=None)
     p.add_argument("-o", "--output", required=True, help="output .mp4 path")
     p.add_argument("--device", default=None, help="cuda when available, else cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Engine-option flags shared by `generate` and `serve` (checked by EngineOptions / AppArgs)."""
+    p.add_argument("--dtype", default=None, choices=list(get_args(DType)),
                    help="bfloat16 on cuda, float32 on cpu by default")
     p.add_argument("--attention", default="sdpa", help="attention backend (default sdpa)")
-    p.add_argument("--quantization", default="none", choices=["none", "fp8", "int8"])
+    p.add_argument("--quantization", default="none", choices=list(get_args(Quantization)))
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU after warm-up)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in spatial tiles (bounded memory)")
-    p.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2],
-                   help="CFG-parallel degree: 2 runs the two guidance branches on different ranks")
+    p.add_argument("--cfg-parallel", type=int, default=1,
+                   help="CFG-parallel degree (1 or 2): 2 runs the two guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1,
                    help="Ulysses sequence-parallel degree (must divide the attention heads); "
                         "world size = cfg-parallel x ulysses-degree worker processes (one GPU each on cuda)")
+
+
+def default_dtype(device: str) -> str:
+    """float32 on the CPU, bfloat16 on GPUs."""
+    return "float32" if device == "cpu" else "bfloat16"
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -71,7 +83,7 @@ def generate_main(args: argparse.Namespace) -> int:
 
     # 2. Load.
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    dtype = args.dtype or default_dtype(device)
     t0 = time.perf_counter()
     parallel = {"cfg": args.cfg_parallel, "ulysses": args.ulysses_degree}
     try:

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from serving.cli import add_engine_arguments, default_dtype
 from serving.config import AppArgs, import_object
 
 APP_NAME = "lightx2v"
@@ -27,14 +28,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port")
     parser.add_argument("--data-dir", default="data", help="job store: SQLite database and videos")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--attention", default="sdpa", help="attention backend name")
-    parser.add_argument("--quantization", choices=["none", "fp8", "int8"], default="none")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
-    parser.add_argument("--vae-tiling", action="store_true", help="decode the VAE in spatial tiles (bounded memory)")
-    parser.add_argument("--cfg-parallel", type=int, default=1, help="CFG-parallel degree (1 or 2)")
-    parser.add_argument("--ulysses-degree", type=int, default=1, help="Ulysses sequence-parallel degree")
+    add_engine_arguments(parser)
     parser.add_argument("--max-pending-jobs", type=int, default=64,
                         help="queued + running jobs before POST /v1/videos answers 503")
     parser.add_argument("--replica-cpus", type=float, default=None,
@@ -47,7 +41,7 @@ def app_args_from(ns: argparse.Namespace) -> AppArgs:
     on_gpu = ns.device == "cuda"
     return AppArgs(
         model=ns.model, data_dir=os.path.abspath(ns.data_dir), device=ns.device,
-        dtype=ns.dtype or ("bfloat16" if on_gpu else "float32"), attention=ns.attention,
+        dtype=ns.dtype or default_dtype(ns.device), attention=ns.attention,
         quantization=ns.quantization, compile=ns.compile, vae_tiling=ns.vae_tiling,
         cfg_parallel=ns.cfg_parallel, ulysses_degree=ns.ulysses_degree,
         replica_cpus=ns.replica_cpus if ns.replica_cpus is not None else (1.0 if on_gpu else 0.0),
