@@ -6,7 +6,7 @@ from either layout. Adding a family = writing its loader module and one line in 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -17,14 +17,12 @@ if TYPE_CHECKING:
     from engine.registry import ModelSpec
 
 
-@runtime_checkable
 class TextEncoder(Protocol):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """(B, text_len, text_dim), zero-padded after each prompt's valid tokens."""
         ...
 
 
-@runtime_checkable
 class ImageEncoder(Protocol):
     def encode(self, images: list) -> torch.Tensor:
         """(B, tokens, dim) image tokens for the DiT's cross-attention (257 x 1280 for Wan2.1)."""

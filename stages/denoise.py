@@ -86,7 +86,7 @@ class DenoiseStage(Stage):
 
         # 3. Sampler loop: velocity with guidance, then one sampler step.
         sampler = make_sampler(request.sampler, request.steps, request.shift)
-        timesteps = sampler.timesteps.to(torch.float32)
+        timesteps = sampler.timesteps.to(device, torch.float32)          # (steps,), one copy to the device
         with resident(self.transformer):  # offload='model': the weights go to the GPU once per request
             for i in range(request.steps):
                 if should_cancel is not None and should_cancel():
@@ -94,7 +94,7 @@ class DenoiseStage(Stage):
                 x = latents.to(dtype)
                 if cond is not None:
                     x = torch.cat([x, cond], dim=1)                          # (1, C + C_cond, F_lat, H_lat, W_lat)
-                t = timesteps[i].reshape(1).to(device)                       # (1,)
+                t = timesteps[i:i + 1]                                       # (1,)
                 velocity = self.predictor(x, t, context, negative, request.guidance_scale, clip)
                 latents = sampler.step(velocity, i, latents).to(torch.float32)
                 if progress is not None:

@@ -18,13 +18,9 @@ from stages.payloads import ImageCond
 from stages.request import ResolvedRequest
 
 if TYPE_CHECKING:
+    from engine.families import ImageEncoder
     from engine.loading import Checkpoint
     from engine.options import EngineOptions
-
-
-class ImageEncoder(Protocol):
-    def encode(self, images: list[Image.Image]) -> torch.Tensor:
-        """(B, 257, 1280) CLIP vision penultimate hidden states."""
 
 
 class VideoVAE(Protocol):

@@ -58,17 +58,15 @@ class LocalPipeline:
         passes `cluster.group_denoise.GroupDenoiseStage` when the DiT runs on a worker group)."""
         from engine.families import get_family
 
-        family = get_family(ckpt.spec.family)
-        vae = family.load_vae(ckpt, options)
+        vae = get_family(ckpt.spec.family).load_vae(ckpt, options)
         image = None
         if "i2v" in ckpt.spec.tasks:
-            image = ImageEncodeStage(family.load_image_encoder(ckpt, options), vae, options,
-                                     ckpt.spec.temporal_stride)
+            image = ImageEncodeStage.from_checkpoint(ckpt, options, vae=vae)
         return cls(
             spec=ckpt.spec,
-            text=TextEncodeStage(family.load_text_encoder(ckpt, options)),
-            denoise=denoise if denoise is not None else DenoiseStage(family.load_transformer(ckpt, options), options),
-            decode=DecodeStage(vae, options),
+            text=TextEncodeStage.from_checkpoint(ckpt, options),
+            denoise=denoise if denoise is not None else DenoiseStage.from_checkpoint(ckpt, options),
+            decode=DecodeStage.from_checkpoint(ckpt, options, vae=vae),
             image=image,
         )
 

@@ -1,22 +1,16 @@
 """Text encode stage: prompt (and negative prompt when guidance is on) -> TextEmbeds."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
-
-import torch
+from typing import TYPE_CHECKING
 
 from stages.base import Stage, StageError, expect_finite
 from stages.payloads import TextEmbeds
 from stages.request import ResolvedRequest
 
 if TYPE_CHECKING:
+    from engine.families import TextEncoder
     from engine.loading import Checkpoint
     from engine.options import EngineOptions
-
-
-class TextEncoder(Protocol):
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(B, text_len, text_dim), zero-padded after each prompt's valid tokens."""
 
 
 class TextEncodeStage(Stage):
@@ -25,7 +19,7 @@ class TextEncodeStage(Stage):
     name = "text_encode"
     output_type = TextEmbeds
 
-    def __init__(self, encoder: TextEncoder) -> None:
+    def __init__(self, encoder: "TextEncoder") -> None:
         self.encoder = encoder
 
     @classmethod
