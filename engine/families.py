@@ -52,14 +52,8 @@ _BUILTIN: dict[str, str] = {
 _FAMILIES: dict[str, ModelFamily] = {}
 
 
-def register_family(name: str, family: ModelFamily) -> None:
-    if name in _FAMILIES:
-        raise ValueError(f"model family {name!r} is registered twice")
-    _FAMILIES[name] = family
-
-
 def list_families() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_FAMILIES))
+    return sorted(_BUILTIN)
 
 
 def get_family(name: str) -> ModelFamily:

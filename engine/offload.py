@@ -43,18 +43,13 @@ from engine.options import EngineOptions
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_MODES = ("none", "model", "block")
-
-
 # ---------------------------------------------------------------------------------------------
 # Start-up checks
 
 
 def check_offload(options: EngineOptions) -> None:
     """Raise ValueError at start-up for an offload setting this engine cannot run."""
-    mode = options.offload
-    if mode not in OFFLOAD_MODES:
-        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {mode!r}")
+    mode = options.offload  # one of options.Offload (EngineOptions checks it)
     if mode == "none":
         return
     if options.parallel.world_size > 1:

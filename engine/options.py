@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -66,10 +66,11 @@ class EngineOptions:
                              f"got {self.device!r}") from None
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.quantization not in ("none", "fp8", "int8"):
-            raise ValueError(f"quantization must be one of none, fp8, int8; got {self.quantization!r}")
-        if self.offload not in ("none", "model", "block"):
-            raise ValueError(f"offload must be one of none, model, block; got {self.offload!r}")
+        if self.quantization not in get_args(Quantization):
+            raise ValueError(f"quantization must be one of {', '.join(get_args(Quantization))}; "
+                             f"got {self.quantization!r}")
+        if self.offload not in get_args(Offload):
+            raise ValueError(f"offload must be one of {', '.join(get_args(Offload))}; got {self.offload!r}")
         if not isinstance(self.attention, str) or not self.attention:
             raise ValueError(f"attention must be an attention backend name (e.g. 'sdpa'), got {self.attention!r}")
         for name in ("vae_tiling", "compile"):

@@ -59,14 +59,6 @@ class ParallelMesh:
         return self.config.world_size
 
     @property
-    def cfg_rank(self) -> int:
-        return self.cfg.rank
-
-    @property
-    def ulysses_rank(self) -> int:
-        return self.ulysses.rank
-
-    @property
     def is_single(self) -> bool:
         """True for world size 1: parallelism is a no-op."""
         return self.config.world_size == 1

@@ -516,7 +516,7 @@ class WanTransformer(nn.Module):
         context = context.to(dtype)
         image_context = image_context.to(dtype) if image_context is not None else None
         temb, timestep_proj, context, image_context = self.condition_embedder(timestep, context, image_context)
-        timestep_proj = timestep_proj.unflatten(1, (6, -1))  # (B, 6, D)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1)).float()  # (B, 6, D), float32 once for all blocks
 
         # 3. blocks, on this rank's share of the tokens
         tokens, rope = self.sequence.split(tokens, rope)  # (B, L_local, D)
