@@ -44,14 +44,7 @@ from engine.options import EngineOptions  # noqa: E402
 DEV = "cuda"
 GIB = 2**30
 
-MODELS = {
-    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30),
-    "14b": dict(num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40),
-    "tiny": dict(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
-                 text_dim=4096, freq_dim=256, ffn_dim=128, num_layers=2),  # CPU smoke runs
-}
+from dit_sizes import DIT_SIZES as MODELS  # noqa: E402
 RES = {"480p": (480, 832), "720p": (720, 1280), "tiny": (32, 48)}
 RESULTS: list[dict] = []
 SAGE_BEST: dict[str, float] = {}

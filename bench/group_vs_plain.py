@@ -26,14 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SIZES = {
-    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30),
-    "14b": dict(num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40),
-    "tiny": dict(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
-                 text_dim=4096, freq_dim=256, ffn_dim=128, num_layers=2),
-}
+from dit_sizes import DIT_SIZES as SIZES  # noqa: E402
 
 
 def emit(record: dict) -> None:

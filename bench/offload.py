@@ -28,8 +28,9 @@ from engine.models.wan.transformer import WanDiTConfig, WanTransformer  # noqa: 
 from engine.offload import BlockOffload, ModelOffload  # noqa: E402
 from engine.options import EngineOptions  # noqa: E402
 
-WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                ffn_dim=8960, num_layers=30, text_dim=4096, freq_dim=256)
+from dit_sizes import DIT_SIZES  # noqa: E402
+
+WAN_1_3B = DIT_SIZES["1.3b"]
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
             ffn_dim=64, num_layers=3, text_dim=32, freq_dim=16)
 GIB = 2**30

@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,11 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from dit_sizes import DIT_SIZES  # noqa: E402
+
 SIZES = {
     # DiT of wan2.1-t2v-1.3b, full umT5-XXL, full Wan VAE.
     "1.3b": dict(
-        dit=dict(num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30),
+        dit=DIT_SIZES["1.3b"],
         t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
                 num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
@@ -149,16 +149,12 @@ def run_graph(model: str, device: str, dtype: str, reqs: list[dict], data_dir: s
               fractions: dict) -> dict:
     """The Serve app on this machine, the N requests submitted at once over HTTP."""
     import ray
-    from ray import serve
 
-    from serving.app import build_app
+    from serving.config import AppArgs
+    from serving.launch import free_port, start_service, stop_service
 
     gpu = device == "cuda"
     ray.init(include_dashboard=False, log_to_driver=False, namespace="bench")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model": model, "data_dir": data_dir, "device": device, "dtype": dtype, "replica_cpus": 1 if gpu else 0,
         "text_encoder": {"num_gpus": fractions["text"], "max_ongoing_requests": 8},
@@ -167,9 +163,9 @@ def run_graph(model: str, device: str, dtype: str, reqs: list[dict], data_dir: s
         "ingress": {"max_pending_jobs": 64},
     }
     t = time.perf_counter()
-    serve.run(build_app(args), name="bench", route_prefix="/")
+    service = start_service(AppArgs.model_validate(args), port=free_port(), name="bench")
     startup = time.perf_counter() - t
-    client = _Http(f"http://127.0.0.1:{port}")
+    client = _Http(service.url)
     # Warm-up: one request through every stage.
     _wait_all(client, [client.post("/v1/videos", reqs[0])["id"]])
     start = time.perf_counter()
@@ -178,8 +174,7 @@ def run_graph(model: str, device: str, dtype: str, reqs: list[dict], data_dir: s
     total = time.perf_counter() - start
     failed = [v for v in finished.values() if v["status"] != "completed"]
     latencies = [v["completed_at_perf"] - start for v in finished.values()]
-    serve.shutdown()
-    ray.shutdown()
+    stop_service()
     return {"mode": "serve_concurrent", "requests": len(reqs), "total_s": round(total, 3),
             "videos_per_min": round(60 * len(reqs) / total, 3),
             "latency_s": _percentiles(latencies), "failed": len(failed),

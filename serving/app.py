@@ -30,7 +30,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     def deployment(cls: type, name: str):
         return serve.deployment(cls, name=name).options(**options[name])
 
-    spec, _ = import_object(app_args.engine_cls).resolve(app_args.model)
+    spec = import_object(app_args.engine_cls).resolve(app_args.model)
     text = deployment(TextEncoder, "TextEncoder").bind(plain)
     image = deployment(ImageEncoder, "ImageEncoder").bind(plain) if "i2v" in spec.tasks else None
     dit = deployment(DiTGroup, "DiTGroup").bind(plain)

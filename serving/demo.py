@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -18,13 +17,7 @@ import time
 import httpx
 
 from serving.config import AppArgs
-from serving.launch import start_service, stop_service
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.launch import free_port, start_service, stop_service
 
 
 def run_demo(out_path: str, port: int, data_dir: str, timeout_s: float = 300.0) -> str:
@@ -67,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="job store (default: a temporary dir)")
     ns = parser.parse_args(argv)
     data_dir = ns.data_dir or tempfile.mkdtemp(prefix="lightx2v-demo-")
-    run_demo(ns.out, ns.port or _free_port(), data_dir)
+    run_demo(ns.out, ns.port or free_port(), data_dir)
     return 0
 
 

@@ -26,8 +26,8 @@ class StageEngine(Protocol):
     def __init__(self, model: str, options: EngineOptions, **kwargs: Any) -> None: ...
 
     @classmethod
-    def resolve(cls, model: str) -> tuple[ModelSpec, str]:
-        """(spec, checkpoint path) of a registry name or a local checkpoint directory."""
+    def resolve(cls, model: str) -> ModelSpec:
+        """The spec of a registry name or a local checkpoint directory (raises if neither)."""
         ...
 
     def text_stage(self) -> TextStage: ...
@@ -45,11 +45,10 @@ class WanStageEngine:
         self.options = options
 
     @classmethod
-    def resolve(cls, model: str) -> tuple[ModelSpec, str]:
+    def resolve(cls, model: str) -> ModelSpec:
         from engine.loading import resolve_checkpoint
 
-        ckpt = resolve_checkpoint(model)
-        return ckpt.spec, ckpt.path
+        return resolve_checkpoint(model).spec
 
     def _checkpoint(self):
         from engine.loading import resolve_checkpoint

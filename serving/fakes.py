@@ -64,8 +64,8 @@ class FakeStageEngine:
         self.timeline = timeline
 
     @classmethod
-    def resolve(cls, model: str) -> tuple[ModelSpec, str]:
-        return FAKE_SPEC, "/nonexistent/fake-wan"
+    def resolve(cls, model: str) -> ModelSpec:
+        return FAKE_SPEC
 
     def text_stage(self):
         return _FakeStage("text_encode", self.delays["text"], self.timeline,

@@ -55,7 +55,7 @@ class Ingress:
     def __init__(self, args: dict[str, Any], text: DeploymentHandle, image: DeploymentHandle | None,
                  dit: DeploymentHandle, decoder: DeploymentHandle) -> None:
         self.args = AppArgs.model_validate(args)
-        self.spec, _ = import_object(self.args.engine_cls).resolve(self.args.model)
+        self.spec = import_object(self.args.engine_cls).resolve(self.args.model)
         self.served_names = tuple(dict.fromkeys((self.spec.name, self.args.model)))
         self.store = SQLiteJobStore(self.args.data_dir)
         interrupted = self.store.fail_interrupted()
@@ -119,9 +119,10 @@ class Ingress:
             raise ApiError(400, f"limit must be in 1..{LIST_LIMIT_MAX}, got {limit}", param="limit")
         if order not in ("asc", "desc"):
             raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
-        if after is not None:
-            self._get(after, param="after")
-        jobs, has_more = self.store.list(limit=limit, after=after, order=order)
+        try:
+            jobs, has_more = self.store.list(limit=limit, after=after, order=order)
+        except JobNotFound:  # the `after` cursor names no job
+            raise ApiError(404, f"no video with id {after!r}", param="after") from None
         data = [video_object(j) for j in jobs]
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                 "last_id": data[-1]["id"] if data else None, "has_more": has_more}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -72,6 +73,13 @@ def start_service(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000,
     handle = serve.run(build_app(args), name=name, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return Service(url=f"http://{shown}:{port}", name=name, handle=handle)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for local runs and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_service() -> None:

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from serving.jobstore import JobRecord, SQLiteJobStore, new_job_id
+from serving.launch import free_port
 
 FAKE_DELAYS = {"text_s": 0.5, "decode_s": 0.5}
 FAKE_STEP_S = 0.2
@@ -31,12 +31,6 @@ class ServedApps:
     timeline: Path
     previous_jobs: dict[str, str] = field(default_factory=dict)
     """status before the restart -> job id, for the jobs written before the app started."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _previous_run(data_dir: Path) -> dict[str, str]:
@@ -63,7 +57,7 @@ def served(ray_session, tmp_path_factory, tiny_wan_dir) -> ServedApps:
 
     from serving.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     wan_data = tmp_path_factory.mktemp("wan-data")
     fake_data = tmp_path_factory.mktemp("fake-data")
