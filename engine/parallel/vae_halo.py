@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.models.wan.vae import AttentionBlock, CausalCache, CausalConv3d, WanVAE
+from engine.models.wan.vae import AttentionBlock, CausalCache, CausalConv3d, WanVAE, memory_format_of
 from engine.parallel.mesh import SubGroup
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ class RowStripes:
         # 2. above ++ x ++ below in x's layout (channels-last stays so); zeros at the true top /
         #    bottom border, as the conv's own zero padding
         out = torch.empty((*x.shape[:-2], x.shape[-2] + 2 * halo, x.shape[-1]), dtype=x.dtype,
-                          device=x.device, memory_format=_layout(x))
+                          device=x.device, memory_format=memory_format_of(x))
         out[..., halo:-halo, :] = x
         for rows, peer in ((out[..., :halo, :], rank - 1), (out[..., -halo:, :], rank + 1)):
             if peer in received:
@@ -169,14 +169,6 @@ class RowStripes:
         if not is_dst:
             return None
         return torch.cat([g[..., :h, :] for g, h in zip(gathered, heights)], dim=-2)
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    """channels-last(-3d) when x is (and is not also plain contiguous), else contiguous."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
-        return fmt
-    return torch.contiguous_format
 
 
 def _pad_height(x: Tensor, height: int) -> Tensor:

@@ -708,9 +708,11 @@ def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels-last(-3d) when x is (and is not also plain contiguous), else contiguous."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
     return torch.contiguous_format
 
 
@@ -719,7 +721,7 @@ def _interleave_time(x: Tensor) -> Tensor:
     keeping x's layout)."""
     b, c2, t, h, w = x.shape
     c = c2 // 2
-    out = torch.empty((b, c, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    out = torch.empty((b, c, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
     out.view(b, c, t, 2, h, w).copy_(x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5))
     return out
 
