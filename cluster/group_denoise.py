@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -24,11 +23,14 @@ import ray
 from cluster.dit_worker import DiTWorker, start_dit_group
 from cluster.worker_group import WorkerGroup
 from engine.options import EngineOptions
+from stages.base import Cancelled, Stage
+from stages.denoise import DenoiseStage
+from stages.payloads import Latents
 
 if TYPE_CHECKING:
     from engine.loading import Checkpoint
     from stages.denoise import CancelFn, ProgressFn
-    from stages.payloads import ImageCond, Latents, TextEmbeds
+    from stages.payloads import ImageCond, TextEmbeds
     from stages.request import ResolvedRequest
 
 log = logging.getLogger(__name__)
@@ -43,10 +45,13 @@ def ensure_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-class GroupDenoiseStage:
-    """Drop-in for `DenoiseStage` in a `LocalPipeline`; see the module docstring."""
+class GroupDenoiseStage(Stage):
+    """Drop-in for `DenoiseStage` in a `LocalPipeline`; see the module docstring. `Stage.__call__`
+    checks the request, times the call and checks the output (with `DenoiseStage`'s checks)."""
 
     name = "denoise"
+    output_type = Latents
+    check_output = DenoiseStage.check_output
 
     def __init__(self, group: WorkerGroup, options: EngineOptions) -> None:
         self.group = group
@@ -69,13 +74,9 @@ class GroupDenoiseStage:
         log.info("DiT group ready: %s", "; ".join(r.describe() for r in group.ranks))
         return cls(group, options)
 
-    def __call__(self, request: "ResolvedRequest", text: "TextEmbeds", image: "ImageCond | None" = None,
-                 *, timings: dict[str, float] | None = None, progress: "ProgressFn | None" = None,
-                 should_cancel: "CancelFn | None" = None) -> "Latents":
-        from stages.base import Cancelled
-
+    def forward(self, request: "ResolvedRequest", text: "TextEmbeds", image: "ImageCond | None" = None,
+                progress: "ProgressFn | None" = None, should_cancel: "CancelFn | None" = None) -> Latents:
         job_id = uuid.uuid4().hex
-        start = time.perf_counter()
         # One request at a time: the workers are threaded actors, so two `denoise` calls in flight
         # could start in different orders on different ranks and pair their collectives wrongly.
         with self._lock:
@@ -100,8 +101,6 @@ class GroupDenoiseStage:
             latents = self.group.get(refs)[0]  # raises the workers' error (Cancelled, a dead rank)
         if progress is not None and last < request.steps:
             progress(request.steps, request.steps)
-        if timings is not None:
-            timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - start
         return latents
 
     def check_health(self) -> None:
