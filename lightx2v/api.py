@@ -3,7 +3,6 @@ builds engine options and a request and runs the stages' LocalPipeline."""
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from stages.denoise import CancelFn, ProgressFn
 from stages.pipeline import GenerationResult, LocalPipeline
 from stages.request import GenerationRequest, load_image_file
+from stages.video import temp_mp4
 
 
 def build_engine_options(device: str, dtype: str, engine_options: dict[str, Any]):
@@ -114,11 +114,7 @@ class LightX2V:
             return result.output.latents
         if output_type == "np":
             return result.output.frames
-        path = output_path
-        if path is None:
-            fd, path = tempfile.mkstemp(suffix=".mp4", prefix="lightx2v-")
-            os.close(fd)
-        path = os.fspath(path)
+        path = os.fspath(output_path) if output_path is not None else temp_mp4()
         with open(path, "wb") as f:
             f.write(result.output.data)
         return path

@@ -49,13 +49,12 @@ class DecodeFramesStage(Stage):
         # 2. To [0, 1], frames last.
         return (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(1, 2, 3, 0).contiguous()  # (F, H, W, 3)
 
-    def check_output(self, request: ResolvedRequest, out: VideoFrames | EncodedVideo) -> None:
-        if isinstance(out, VideoFrames):
-            expected = (request.num_frames, request.height, request.width, 3)
-            if out.frames.shape != expected:
-                raise StageError(f"decode: frames have shape {out.frames.shape}, expected {expected}")
-            if not np.isfinite(out.frames).all():
-                raise StageError("decode: frames contain NaN or inf")
+    def check_output(self, request: ResolvedRequest, out: VideoFrames) -> None:
+        expected = (request.num_frames, request.height, request.width, 3)
+        if out.frames.shape != expected:
+            raise StageError(f"decode: frames have shape {out.frames.shape}, expected {expected}")
+        if not np.isfinite(out.frames).all():
+            raise StageError("decode: frames contain NaN or inf")
 
 
 class DecodeStage(DecodeFramesStage):

@@ -79,7 +79,8 @@ def get_mp4_encoder(name: str | None = None) -> Mp4Encoder:
                        + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
-def _temp_mp4() -> str:
+def temp_mp4() -> str:
+    """A new empty .mp4 file in the temp dir (the caller owns it)."""
     fd, path = tempfile.mkstemp(suffix=".mp4", prefix="lightx2v-")
     os.close(fd)
     return path
@@ -101,7 +102,7 @@ def _imageio_ffmpeg_encode(frames: np.ndarray, fps: int, crf: int) -> bytes:
     import imageio_ffmpeg
 
     num, height, width, _ = frames.shape
-    path = _temp_mp4()
+    path = temp_mp4()
     try:
         writer = imageio_ffmpeg.write_frames(
             path, (width, height), pix_fmt_in="rgb24", pix_fmt_out="yuv420p", fps=fps,
@@ -128,7 +129,7 @@ def _opencv_fourcc() -> str | None:
     import cv2
 
     for fourcc in _OPENCV_FOURCCS:
-        path = _temp_mp4()
+        path = temp_mp4()
         try:
             writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 8, (16, 16))
             ok = writer.isOpened()
@@ -155,7 +156,7 @@ def _opencv_encode(frames: np.ndarray, fps: int, crf: int) -> bytes:
     import cv2
 
     num, height, width, _ = frames.shape
-    path = _temp_mp4()
+    path = temp_mp4()
     try:
         writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*_opencv_fourcc()), fps, (width, height))
         for frame in frames:

@@ -12,6 +12,8 @@ float32 on CPU the fused modules give the same outputs as the originals up to GE
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -47,6 +49,12 @@ def _use_triton(x: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False  # Inductor fuses the torch version into its own kernel
+    return _triton_importable()
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    """Asked once per process (not on every call of the hot path)."""
     try:
         import triton  # noqa: F401
     except Exception:
