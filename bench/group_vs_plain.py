@@ -35,22 +35,18 @@ def emit(record: dict) -> None:
 
 def write_checkpoint(directory: str, size: str, device: str) -> str:
     """A diffusers-layout folder with only `transformer/` (random weights, default init, bf16)."""
-    from safetensors.torch import save_file
-
+    from engine.models.wan.tiny import save_diffusers_module
     from engine.models.wan.transformer import WanDiTConfig, WanTransformer
 
     config = WanDiTConfig(**SIZES[size])
     torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer(config)
-    state = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_diffusers_module(model, os.path.join(directory, "transformer"), config.to_dict(),
+                          "WanTransformer3DModel", dtype=torch.bfloat16)
     del model
-    os.makedirs(os.path.join(directory, "transformer"), exist_ok=True)
     with open(os.path.join(directory, "model_index.json"), "w") as f:
         json.dump({"_class_name": "WanPipeline", "_diffusers_version": "0.42.1"}, f)
-    with open(os.path.join(directory, "transformer", "config.json"), "w") as f:
-        json.dump({"_class_name": "WanTransformer3DModel", **config.to_dict()}, f)
-    save_file(state, os.path.join(directory, "transformer", "diffusion_pytorch_model.safetensors"))
     return directory
 
 

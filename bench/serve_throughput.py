@@ -56,10 +56,10 @@ def emit(record: dict) -> None:
 
 def write_random_checkpoint(directory: str, sizes: dict) -> str:
     """Diffusers-layout Wan2.1 T2V checkpoint with random weights at the given sizes."""
-    from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from engine.models.wan.tiny import MODEL_INDEX, SCHEDULER_CONFIG, make_tokenizer, randomize_
+    from engine.models.wan.tiny import (MODEL_INDEX, SCHEDULER_CONFIG, make_tokenizer, randomize_,
+                                        save_diffusers_module)
     from engine.models.wan.transformer import WanDiTConfig, WanTransformer
     from engine.models.wan.vae import WanVAE, WanVAEConfig
 
@@ -70,12 +70,7 @@ def write_random_checkpoint(directory: str, sizes: dict) -> str:
     init_device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def save(module, name: str, config: dict, class_name: str) -> None:
-        os.makedirs(os.path.join(tmp, name), exist_ok=True)
-        state = {k: v.detach().to("cpu", torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in module.state_dict().items()}
-        save_file(state, os.path.join(tmp, name, "diffusion_pytorch_model.safetensors"))
-        with open(os.path.join(tmp, name, "config.json"), "w") as f:
-            json.dump({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}, f)
+        save_diffusers_module(module, os.path.join(tmp, name), config, class_name, dtype=torch.bfloat16)
 
     start = time.perf_counter()
     dit_cfg, vae_cfg = WanDiTConfig(**sizes["dit"]), WanVAEConfig()

@@ -168,11 +168,15 @@ def fingerprint() -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _save_module(module: nn.Module, directory: str, config: dict, class_name: str) -> None:
+def save_diffusers_module(module: nn.Module, directory: str, config: dict, class_name: str,
+                          dtype: torch.dtype | None = None) -> None:
+    """`module`'s weights (floating ones cast to `dtype` when given) and its diffusers
+    `config.json` into `directory`, as diffusers' `save_pretrained` lays them out."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory)
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in module.state_dict().items()}
     save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}, f, indent=2)
@@ -191,8 +195,8 @@ def write_tiny_wan(directory: str) -> None:
         torch.manual_seed(SEED)
         dit = randomize_(WanTransformer(dit_cfg), SEED)
         vae = randomize_(WanVAE(vae_cfg), SEED + 1)
-    _save_module(dit, os.path.join(directory, "transformer"), dit_cfg.to_dict(), "WanTransformer3DModel")
-    _save_module(vae, os.path.join(directory, "vae"), vae_cfg.to_dict(), "AutoencoderKLWan")
+    save_diffusers_module(dit, os.path.join(directory, "transformer"), dit_cfg.to_dict(), "WanTransformer3DModel")
+    save_diffusers_module(vae, os.path.join(directory, "vae"), vae_cfg.to_dict(), "AutoencoderKLWan")
     # 2. encoders, tokenizer, image processor (saved by transformers, without progress bars)
     from transformers.utils import logging as hf_logging
 
