@@ -147,8 +147,9 @@ def section_kernels(args) -> None:
                      tops=flop / ms / 1e9))
             if best is None or ms < best[0]:
                 best = (ms, cfg)
-        if best is not None and (k, n) == (5120, 13824):
-            quant_ops.set_int8_gemm_config(best[1])
+        if best is not None:
+            log(dict(section="kernels", op="int8 gemm best", shape=[m, k, n], config=best[1], ms=best[0],
+                     default=quant_ops.default_int8_config(n, k)))
         ms = timed(lambda: qi(x), args.repeats * 3)
         log(dict(section="kernels", op="int8 linear (quant + Triton gemm)", shape=[m, k, n], ms=ms,
                  tops=flop / ms / 1e9, rel_err=rel(qi(x), ref)))
@@ -185,7 +186,7 @@ def section_kernels(args) -> None:
             configs = list(sa.SAGE_CONFIGS[:n_cfg])
             if pv_fp8:  # the previous winner first, then the Hopper variants
                 configs = [sa.SAGE_CONFIGS[1]] + [c for c in sa.SAGE_CONFIGS if c != sa.SAGE_CONFIGS[1]][:n_cfg - 1]
-                configs += list(sa.SAGE_VARIANTS)
+                configs += list(sa.SAGE_VARIANTS) if args.sage_variants else []
             else:
                 configs += [c._replace(skip_rescale=True) for c in configs[:1]]
                 configs += [c._replace(qk_fp8=True, skip_rescale=True) for c in configs[:1]]
@@ -208,8 +209,42 @@ def section_kernels(args) -> None:
         if seq == 32760 and SAGE_BEST:
             SAGE_PICK[0] = min(SAGE_BEST, key=SAGE_BEST.get)
             log(dict(section="kernels", op="sage pick", backend=SAGE_PICK[0], ms=SAGE_BEST))
+        bench_cudnn_fp8(args, q, k, v, ref, flop)
         del q, k, v, ref
         torch.cuda.empty_cache()
+
+
+def bench_cudnn_fp8(args, q, k, v, ref, flop: float) -> None:
+    """cuDNN's FP8 flash attention (engine.kernels.cudnn_attention): the whole backend (quantize
+    + cuDNN + dequantize), the cuDNN call alone, and at batch 2 (the CFG step's shape)."""
+    from engine.kernels import cudnn_attention as ca
+
+    heads, seq = q.shape[2], q.shape[1]
+    reason = ca.cudnn_fp8_requirement(torch.device(DEV))
+    if reason is not None:
+        log(dict(section="kernels", op="cudnn_fp8", error=reason))
+        return
+    try:
+        out = ca.cudnn_fp8_attention(q, k, v)
+        ms = timed(lambda: ca.cudnn_fp8_attention(q, k, v), args.repeats)
+        log(dict(section="kernels", op="cudnn_fp8 (quant + cuDNN sdpa_fp8 + dequant)", heads=heads, tokens=seq,
+                 ms=ms, tflops=flop / ms / 1e9, rel_err=rel(out, ref)))
+        k0 = k - k.mean(dim=1, keepdim=True)
+        (q8, s_q), (k8, s_k), (v8, s_v) = (ca.quantize_per_tensor(t) for t in (q, k0, v))
+        one = torch.ones((), dtype=torch.float32, device=q.device)
+        scales = torch.stack([s_q, s_k, s_v, one / ca.FP8_MAX, one * ca.FP8_MAX, 1.0 / s_v])
+        ms = timed(lambda: ca.cudnn_fp8_sdpa(q8, k8, v8, scales), args.repeats)
+        log(dict(section="kernels", op="cudnn_fp8 sdpa_fp8 call alone", heads=heads, tokens=seq, ms=ms,
+                 tflops=flop / ms / 1e9))
+        q2, k2, v2 = (torch.cat([t, t]) for t in (q8, k8, v8))
+        ms = timed(lambda: ca.cudnn_fp8_sdpa(q2, k2, v2, scales), args.repeats)
+        log(dict(section="kernels", op="cudnn_fp8 sdpa_fp8 call alone, batch 2", heads=heads, tokens=seq, ms=ms,
+                 tflops=2 * flop / ms / 1e9))
+        del q2, k2, v2
+    except Exception as e:
+        import traceback
+
+        log(dict(section="kernels", op="cudnn_fp8", error=traceback.format_exc()[-1500:]))
 
 
 def bench_norm_rope(args, grid: tuple[int, int, int] = (21, 30, 52), heads: int = 40) -> None:
@@ -272,6 +307,7 @@ def random_state_dict(cfg_kwargs: dict, seed: int = 0) -> dict[str, torch.Tensor
 
 def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
     """The engine's DiT on the shared weights with `mode` applied (quantized copies are new)."""
+    from engine.attention import list_backends
     from engine.kernels import optimize_transformer
     from engine.models.wan.transformer import WanDiTConfig, WanTransformer
 
@@ -284,7 +320,7 @@ def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
     for part in parts:
         if part == "sage":
             attention = SAGE_PICK[0]
-        elif part.startswith("sage_"):
+        elif part in list_backends():
             attention = part
     with torch.device("meta"):
         model = WanTransformer(WanDiTConfig(**cfg_kwargs))
@@ -532,6 +568,9 @@ def section_vae(args) -> None:
                 log(dict(base, impl="diffusers", mode="bf16 + cudnn.benchmark", ms=ms_db,
                          speedup_of_engine_vs_this=ms_db / ms))
                 torch.backends.cudnn.benchmark = False
+            if args.vae_profile:
+                ours.to_channels_last()
+                profile(lambda: ours.decode(z), dict(base, model="vae", mode="bf16_channels_last"), args)
         del z, raw, ref
         torch.cuda.empty_cache()
 
@@ -595,6 +634,9 @@ def main() -> None:
     p.add_argument("--sage-configs", type=int, default=0, help="sweep only the first N SAGE_CONFIGS (0: all)")
     p.add_argument("--seq-cfg-modes", default="", help="modes whose CFG step is also timed as 2 batch-1 forwards")
     p.add_argument("--vae-cudnn-benchmark", action="store_true", help="also time decode with optimize_vae")
+    p.add_argument("--no-sage-variants", dest="sage_variants", action="store_false",
+                   help="skip the Hopper variants of the FP8 P·V sage kernel in the sweep")
+    p.add_argument("--vae-profile", action="store_true", help="profile one channels-last decode")
     p.add_argument("--quick-res", default="", help="resolutions of the quick models (default: --res)")
     p.add_argument("--quick-repeats", type=int, default=0, help="repeats of the quick runs (default: --repeats)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for smoke runs (--models tiny --res tiny)")

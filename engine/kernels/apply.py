@@ -4,14 +4,15 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from engine.attention import set_attention_backend
+from engine.models.wan.vae import RMSNorm
 from engine.options import EngineOptions
 from engine.quant import quantize_model
 
 from .compile import compile_blocks
-from .fused_attention import fuse_attention
+from .fused_attention import _use_triton, fuse_attention
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,48 @@ def optimize_transformer(model: nn.Module, options: EngineOptions) -> nn.Module:
 
 
 def optimize_vae(vae: nn.Module, options: EngineOptions) -> nn.Module:
-    """On CUDA: channels-last convolutions (`WanVAE.to_channels_last`) and cuDNN autotuning of
-    the convolution algorithms (`torch.backends.cudnn.benchmark`, process-wide: the first decode
-    at a new size pays the search). Elsewhere unchanged. Returns the VAE."""
+    """On CUDA: channels-last convolutions (`WanVAE.to_channels_last`), RMS norm + SiLU in one
+    Triton pass (`fuse_vae_norms`) and cuDNN autotuning of the convolution algorithms
+    (`torch.backends.cudnn.benchmark`, process-wide: the first decode at a new size pays the
+    search). Elsewhere unchanged. Returns the VAE."""
     if options.torch_device.type == "cuda":
         if hasattr(vae, "to_channels_last"):
             vae.to_channels_last()
+        log.info("fused %d VAE norms", fuse_vae_norms(vae))
         torch.backends.cudnn.benchmark = True
     return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE: RMS norm (+ SiLU) in one Triton pass
+# ---------------------------------------------------------------------------------------------
+
+
+class FusedRMSNorm(RMSNorm):
+    """The VAE's RMSNorm (same parameters, same `silu`) through `vae_norm.rms_norm_act` when x
+    is a CUDA bf16/fp16 tensor with dense, innermost channels (channels-last(-3d)): one read and
+    one write per element, the eager roundings kept (equal up to a rare one-ulp difference).
+    Anything else (CPU, float32, contiguous layout, strided views) runs the eager math."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        nn.Module.__init__(self)
+        self.scale, self.silu = norm.scale, norm.silu
+        self.gamma, self.bias = norm.gamma, norm.bias  # the same tensors: state dict unchanged
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _use_triton(x) and x.dim() >= 2 and x.movedim(1, -1).is_contiguous():
+            from .vae_norm import rms_norm_act
+
+            return rms_norm_act(x, self.gamma, self.bias, self.scale, self.silu)
+        return super().forward(x)
+
+
+def fuse_vae_norms(vae: nn.Module) -> int:
+    """Swap every `RMSNorm` of `vae` (exact type) for a `FusedRMSNorm` sharing its parameters,
+    in place (after `to_channels_last`: the kernel needs channels innermost). Returns the count."""
+    names = [name for name, m in vae.named_modules() if type(m) is RMSNorm]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = vae.get_submodule(parent_name) if parent_name else vae
+        setattr(parent, child, FusedRMSNorm(getattr(parent, child)))
+    return len(names)

@@ -6,6 +6,8 @@ from torch import Tensor
 
 from engine.attention import AttentionBackend, list_backends, register_backend
 
+from .cudnn_attention import HEAD_DIMS as CUDNN_FP8_HEAD_DIMS, cudnn_fp8_attention, cudnn_fp8_requirement
+
 SAGE_HEAD_DIMS = (16, 32, 64, 128, 256)
 """Head sizes the Triton kernels take (= sage_attention.HEAD_DIMS; that file imports triton)."""
 
@@ -75,4 +77,12 @@ def register_backends() -> None:
             requirement=sage_fp8_requirement,
             description="Triton SageAttention2-style: smoothed FP8 Q/K per block, FP8 P·V (V per channel)",
             head_dims=SAGE_HEAD_DIMS,
+        ))
+    if "cudnn_fp8" not in list_backends():
+        register_backend(AttentionBackend(
+            name="cudnn_fp8",
+            fn=cudnn_fp8_attention,
+            requirement=cudnn_fp8_requirement,
+            description="cuDNN fused FP8 flash attention (Hopper+): smoothed K, per-tensor FP8 Q/K/V, FP8 P·V",
+            head_dims=CUDNN_FP8_HEAD_DIMS,
         ))

@@ -101,20 +101,32 @@ def _int8_gemm_kernel(A, B, SA, SB, BIAS, C, M, N, K,
     tl.store(c_ptr, out.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). The default (first) was the fastest
-# on one H200 at the Wan-14B 480p shapes: 1,050-1,150 TOP/s (docs/BENCHMARKS.md).
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), swept by bench/bench_dit.py on one
+# H200 at the Wan-14B 480p shapes (M = 32,760; docs/BENCHMARKS.md). The first two are the defaults
+# (`default_int8_config`): a wide tile along N for widening layers (N > K: 5120 -> 13824 took 4.51 ms
+# against 4.88 ms with the other), a tall one otherwise (13824 -> 5120: 3.93 ms; 5120 -> 5120: equal).
 INT8_GEMM_CONFIGS: list[tuple[int, int, int, int, int, int]] = [
     (256, 128, 128, 8, 8, 3),
+    (128, 256, 128, 8, 8, 4),
     (128, 256, 128, 8, 8, 3),
     (128, 128, 128, 8, 8, 4),
     (128, 256, 64, 8, 8, 4),
     (64, 128, 128, 8, 4, 4),
+    (256, 128, 128, 8, 8, 4),
+    (256, 128, 64, 8, 8, 5),
+    (128, 128, 128, 8, 4, 5),
+    (128, 128, 256, 8, 8, 3),
 ]
-_int8_config: list[tuple[int, int, int, int, int, int]] = [INT8_GEMM_CONFIGS[0]]
+_int8_config: list[tuple[int, int, int, int, int, int] | None] = [None]
 
 
-def set_int8_gemm_config(cfg: tuple[int, int, int, int, int, int]) -> None:
-    """Pick the tile configuration used by int8_gemm (bench/ sweeps these)."""
+def default_int8_config(n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """The tile configuration for an (M, K) x (K, N) product: wide along N when N > K."""
+    return INT8_GEMM_CONFIGS[1] if n > k else INT8_GEMM_CONFIGS[0]
+
+
+def set_int8_gemm_config(cfg: tuple[int, int, int, int, int, int] | None) -> None:
+    """Force one tile configuration for every int8_gemm (None: back to the per-shape defaults)."""
     _int8_config[0] = cfg
 
 
@@ -125,7 +137,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tens
     m, k = a.shape
     n = b.shape[0]
     assert a.stride(1) == 1 and b.stride(1) == 1 and b.shape[1] == k
-    bm, bn, bk, gm, warps, stages = config or _int8_config[0]
+    bm, bn, bk, gm, warps, stages = config or _int8_config[0] or default_int8_config(n, k)
     if m <= 64:
         bm, warps = 64, 4
     c = torch.empty((m, n), device=a.device, dtype=out_dtype)

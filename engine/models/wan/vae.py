@@ -212,12 +212,15 @@ class CausalConv3d(nn.Conv3d):
 
 
 class RMSNorm(nn.Module):
-    """x / ||x||_channels * sqrt(C) * gamma (+ bias); `gamma` shaped (C, 1, 1[, 1]) as diffusers."""
+    """x / ||x||_channels * sqrt(C) * gamma (+ bias), then SiLU if `silu`; `gamma` shaped
+    (C, 1, 1[, 1]) as diffusers (the activation is part of the module so that a fused kernel,
+    `engine.kernels.apply.fuse_vae_norms`, can do both in one pass; it has no parameters)."""
 
-    def __init__(self, dim: int, images: bool = True, bias: bool = False) -> None:
+    def __init__(self, dim: int, images: bool = True, bias: bool = False, silu: bool = False) -> None:
         super().__init__()
         shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
         self.scale = dim**0.5
+        self.silu = silu
         self.gamma = nn.Parameter(torch.ones(shape))
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
 
@@ -227,7 +230,9 @@ class RMSNorm(nn.Module):
         inv = (self.scale / norm.clamp_min(1e-12)).to(x.dtype)  # as F.normalize's eps
         out = x * inv
         out.mul_(self.gamma)
-        return out if self.bias is None else out.add_(self.bias)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return F.silu(out, inplace=True) if self.silu else out
 
 
 class ResidualBlock(nn.Module):
@@ -235,9 +240,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(in_dim, images=False)
+        self.norm1 = RMSNorm(in_dim, images=False, silu=True)
         self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
-        self.norm2 = RMSNorm(out_dim, images=False)
+        self.norm2 = RMSNorm(out_dim, images=False, silu=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
         self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
@@ -245,10 +250,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         # x: (B, C_in, T, H, W) -> (B, C_out, T, H, W)
         h = self.conv_shortcut(x)
-        x = F.silu(self.norm1(x), inplace=True)
-        x = self.conv1(x, cache)
-        x = self.dropout(F.silu(self.norm2(x), inplace=True))
-        x = self.conv2(x, cache)
+        x = self.conv1(self.norm1(x), cache)  # the norms include the SiLU
+        x = self.conv2(self.dropout(self.norm2(x)), cache)
         return x.add_(h)
 
 
@@ -394,7 +397,7 @@ class Encoder3d(nn.Module):
                 blocks.append(downsampler(out_dim))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1], c.dropout)
-        self.norm_out = RMSNorm(dims[-1], images=False)
+        self.norm_out = RMSNorm(dims[-1], images=False, silu=True)
         self.conv_out = CausalConv3d(dims[-1], 2 * c.z_dim, 3, padding=1)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
@@ -405,9 +408,8 @@ class Encoder3d(nn.Module):
             x = block(x, cache)
         # 3. middle
         x = self.mid_block(x, cache)  # (B, C, T', H/8, W/8)
-        # 4. head
-        x = F.silu(self.norm_out(x), inplace=True)
-        return self.conv_out(x, cache)  # (B, 2z, T', H/8, W/8)
+        # 4. head (the norm includes the SiLU)
+        return self.conv_out(self.norm_out(x), cache)  # (B, 2z, T', H/8, W/8)
 
 
 class Decoder3d(nn.Module):
@@ -429,7 +431,7 @@ class Decoder3d(nn.Module):
                 upsampler = Upsample3d if temperal_upsample[level] else Upsample2d
             blocks.append(UpBlock(in_dim, out_dim, c.num_res_blocks, c.dropout, upsampler))
         self.up_blocks = nn.ModuleList(blocks)
-        self.norm_out = RMSNorm(dims[-1], images=False)
+        self.norm_out = RMSNorm(dims[-1], images=False, silu=True)
         self.conv_out = CausalConv3d(dims[-1], c.out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
@@ -439,9 +441,8 @@ class Decoder3d(nn.Module):
         # 2. up-sampling (time: first frame 1 -> 1, later frames 1 -> 4)
         for block in self.up_blocks:
             x = block(x, cache)  # ... -> (B, C0, T', 8h, 8w)
-        # 3. head
-        x = F.silu(self.norm_out(x), inplace=True)
-        return self.conv_out(x, cache)  # (B, 3, T', 8h, 8w)
+        # 3. head (the norm includes the SiLU)
+        return self.conv_out(self.norm_out(x), cache)  # (B, 3, T', 8h, 8w)
 
 
 # ---------------------------------------------------------------------------------------------
