@@ -43,7 +43,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Engine-option flags shared by `generate` and `serve` (checked by EngineOptions / AppArgs)."""
     p.add_argument("--dtype", default=None, choices=list(get_args(DType)),
                    help="bfloat16 on cuda, float32 on cpu by default")
-    p.add_argument("--attention", default="sdpa", help="attention backend (default sdpa)")
+    import engine.kernels  # noqa: F401  (registers the quantized attention backends)
+    from engine.attention import list_backends
+
+    p.add_argument("--attention", default="sdpa", choices=list_backends(),
+                   help="attention backend (default sdpa; cudnn_fp8 / sage_fp8 / sage_int8 need a GPU)")
     p.add_argument("--quantization", default="none", choices=list(get_args(Quantization)))
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU after warm-up)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in spatial tiles (bounded memory)")

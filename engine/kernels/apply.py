@@ -8,11 +8,13 @@ from torch import Tensor, nn
 
 from engine.attention import set_attention_backend
 from engine.models.wan.vae import RMSNorm
+from engine.modules import swap_modules
 from engine.options import EngineOptions
 from engine.quant import quantize_model
+from engine.requirements import use_triton_kernel
 
 from .compile import compile_blocks
-from .fused_attention import _use_triton, fuse_attention
+from .fused_attention import fuse_attention
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class FusedRMSNorm(RMSNorm):
         self.gamma, self.bias = norm.gamma, norm.bias  # the same tensors: state dict unchanged
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_triton(x) and x.dim() >= 2 and x.movedim(1, -1).is_contiguous():
+        if use_triton_kernel(x) and x.dim() >= 2 and x.movedim(1, -1).is_contiguous():
             from .vae_norm import rms_norm_act
 
             return rms_norm_act(x, self.gamma, self.bias, self.scale, self.silu)
@@ -71,9 +73,4 @@ class FusedRMSNorm(RMSNorm):
 def fuse_vae_norms(vae: nn.Module) -> int:
     """Swap every `RMSNorm` of `vae` (exact type) for a `FusedRMSNorm` sharing its parameters,
     in place (after `to_channels_last`: the kernel needs channels innermost). Returns the count."""
-    names = [name for name, m in vae.named_modules() if type(m) is RMSNorm]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = vae.get_submodule(parent_name) if parent_name else vae
-        setattr(parent, child, FusedRMSNorm(getattr(parent, child)))
-    return len(names)
+    return swap_modules(vae, lambda name, m: type(m) is RMSNorm, FusedRMSNorm)

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from engine.attention import AttentionBackend, list_backends, register_backend
+from engine.requirements import gpu_requirement
 
 from .cudnn_attention import HEAD_DIMS as CUDNN_FP8_HEAD_DIMS, cudnn_fp8_attention, cudnn_fp8_requirement
 
@@ -14,19 +15,7 @@ SAGE_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 def sage_requirement(device: torch.device, min_capability: tuple[int, int] = (8, 0)) -> str | None:
     """None if the Triton INT8 attention can run on `device`, else the reason."""
-    if device.type != "cuda":
-        return f"needs a CUDA GPU (Triton kernel), got device {str(device)!r}"
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU, but torch.cuda.is_available() is False"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < min_capability:
-        return (f"needs compute capability >= {min_capability[0]}.{min_capability[1]} (8-bit tensor cores), "
-                f"this GPU has {cap[0]}.{cap[1]}")
-    try:
-        import triton  # noqa: F401
-    except Exception as e:
-        return f"needs triton, which does not import here ({e})"
-    return None
+    return gpu_requirement(device, min_capability, "8-bit tensor cores")
 
 
 @torch.library.custom_op("lightx2v::sage_int8_attention", mutates_args=())
@@ -57,32 +46,37 @@ def _(q, k, v):
 
 def sage_fp8_requirement(device: torch.device) -> str | None:
     """FP8 P·V needs FP8 tensor cores (Ada / Hopper)."""
-    return sage_requirement(device, (8, 9))
+    return gpu_requirement(device, (8, 9), "FP8 tensor cores")
+
+
+BACKENDS = (
+    AttentionBackend(
+        name="sage_int8",
+        fn=sage_int8_attention,
+        requirement=sage_requirement,
+        description="Triton SageAttention-style: smoothed INT8 Q/K per block, 16-bit P·V",
+        head_dims=SAGE_HEAD_DIMS,
+    ),
+    AttentionBackend(
+        name="sage_fp8",
+        fn=sage_fp8_attention,
+        requirement=sage_fp8_requirement,
+        description="Triton SageAttention2-style: smoothed FP8 Q/K per block, FP8 P·V (V per channel)",
+        head_dims=SAGE_HEAD_DIMS,
+    ),
+    AttentionBackend(
+        name="cudnn_fp8",
+        fn=cudnn_fp8_attention,
+        requirement=cudnn_fp8_requirement,
+        description="cuDNN fused FP8 flash attention (Hopper+): smoothed K, per-tensor FP8 Q/K/V, FP8 P·V",
+        head_dims=CUDNN_FP8_HEAD_DIMS,
+    ),
+)
+"""This package's attention backends."""
 
 
 def register_backends() -> None:
     """Register this package's attention backends (once)."""
-    if "sage_int8" not in list_backends():
-        register_backend(AttentionBackend(
-            name="sage_int8",
-            fn=sage_int8_attention,
-            requirement=sage_requirement,
-            description="Triton SageAttention-style: smoothed INT8 Q/K per block, 16-bit P·V",
-            head_dims=SAGE_HEAD_DIMS,
-        ))
-    if "sage_fp8" not in list_backends():
-        register_backend(AttentionBackend(
-            name="sage_fp8",
-            fn=sage_fp8_attention,
-            requirement=sage_fp8_requirement,
-            description="Triton SageAttention2-style: smoothed FP8 Q/K per block, FP8 P·V (V per channel)",
-            head_dims=SAGE_HEAD_DIMS,
-        ))
-    if "cudnn_fp8" not in list_backends():
-        register_backend(AttentionBackend(
-            name="cudnn_fp8",
-            fn=cudnn_fp8_attention,
-            requirement=cudnn_fp8_requirement,
-            description="cuDNN fused FP8 flash attention (Hopper+): smoothed K, per-tensor FP8 Q/K/V, FP8 P·V",
-            head_dims=CUDNN_FP8_HEAD_DIMS,
-        ))
+    for backend in BACKENDS:
+        if backend.name not in list_backends():
+            register_backend(backend)

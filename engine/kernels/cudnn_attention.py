@@ -18,7 +18,7 @@ FP8 scales, so the numerics differ from the per-block Sage kernels:
 Steps 1, 2 and 4 are plain torch, so under torch.compile Inductor fuses them with the norm /
 rotary before and the output projection's quantization after; step 3 is one opaque custom op.
 
-Requires the `nvidia-cudnn-frontend` package (`pip install "lightx2v[cudnn]"`), a cuDNN >= 9.1
+Requires the `nvidia-cudnn-frontend` package (`pip install "lightx2v-serve[cudnn]"`), a cuDNN >= 9.1
 backend (the one torch ships) and an FP8-capable GPU (compute capability >= 9.0); the backend's
 requirement check says which is missing, at start-up.
 """
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from engine.requirements import gpu_requirement
+
 FP8_MAX = 448.0
 HEAD_DIMS = (64, 128)
 """Head sizes cuDNN's FP8 forward takes on Hopper."""
@@ -38,13 +40,9 @@ MIN_CUDNN = 90100
 
 def cudnn_fp8_requirement(device: torch.device) -> str | None:
     """None if cuDNN FP8 attention can run on `device`, else the reason."""
-    if device.type != "cuda":
-        return f"needs a CUDA GPU (cuDNN FP8 attention), got device {str(device)!r}"
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU, but torch.cuda.is_available() is False"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (9, 0):
-        return f"needs compute capability >= 9.0 (FP8 flash attention in cuDNN), this GPU has {cap[0]}.{cap[1]}"
+    reason = gpu_requirement(device, (9, 0), "FP8 flash attention in cuDNN", needs_triton=False)
+    if reason is not None:
+        return reason
     version = torch.backends.cudnn.version() or 0
     if version < MIN_CUDNN:
         return f"needs cuDNN >= 9.1 (torch's cuDNN is {version})"
@@ -52,7 +50,7 @@ def cudnn_fp8_requirement(device: torch.device) -> str | None:
         import cudnn  # noqa: F401
     except Exception as e:
         return (f"needs the cuDNN frontend: pip install nvidia-cudnn-frontend "
-                f"(or lightx2v[cudnn]); it does not import here ({e})")
+                f"(or lightx2v-serve[cudnn]); it does not import here ({e})")
     return None
 
 

@@ -12,12 +12,12 @@ float32 on CPU the fused modules give the same outputs as the originals up to GE
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
 from engine.models.wan.transformer import Rope, WanCrossAttention, WanSelfAttention
+from engine.modules import swap_modules
+from engine.requirements import use_triton_kernel
 
 
 def _fused_linear(*linears: nn.Linear) -> nn.Linear:
@@ -44,27 +44,9 @@ def apply_rope_lean(x: Tensor, rope: Rope) -> Tensor:
     return out  # (B, L, H, Dh)
 
 
-def _use_triton(x: Tensor) -> bool:
-    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if torch.compiler.is_compiling():
-        return False  # Inductor fuses the torch version into its own kernel
-    return _triton_importable()
-
-
-@functools.cache
-def _triton_importable() -> bool:
-    """Asked once per process (not on every call of the hot path)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def norm_rope(x: Tensor, norm: nn.RMSNorm, rope: Rope, heads: int) -> Tensor:
     """RMSNorm across heads, head split, rotary embedding: (B, L, D) -> (B, L, H, Dh)."""
-    if _use_triton(x) and norm.weight is not None and x.stride(-1) == 1:
+    if use_triton_kernel(x) and norm.weight is not None and x.stride(-1) == 1:
         from .norm_rope import rms_norm_rope
 
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
@@ -137,13 +119,4 @@ SWAPS: dict[type[nn.Module], type[nn.Module]] = {
 def fuse_attention(model: nn.Module) -> int:
     """Swap every attention module of `model` with a registered fused version, in place (before
     quantization: the fused projections then quantize as one linear each). Returns the count."""
-    names = [name for name, m in model.named_modules() if type(m) in SWAPS]
-    # by name, one at a time: the separate projections of a module are freed as soon as its fused
-    # copy is in place (not all of them held until the end)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child)
-        setattr(parent, child, SWAPS[type(module)](module))
-        del module
-    return len(names)
+    return swap_modules(model, lambda name, m: type(m) in SWAPS, lambda m: SWAPS[type(m)](m))

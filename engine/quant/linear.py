@@ -16,6 +16,9 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from engine.modules import swap_modules
+from engine.requirements import cuda_capability as _cuda_capability, triton_problem
+
 from .reference import FORMATS, QuantFormat, quantize_rows, quantized_linear_reference
 
 log = logging.getLogger(__name__)
@@ -30,20 +33,6 @@ DEFAULT_SKIP: tuple[str, ...] = (
 """Module-name patterns (fnmatch) kept in high precision by default."""
 
 
-def _triton_ok() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({e})"
-    return None
-
-
-def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(device)
-
-
 def fp8_requirement(device: torch.device) -> str | None:
     """None if FP8 linears can run on `device`, else the reason."""
     if device.type == "cpu":
@@ -55,7 +44,7 @@ def fp8_requirement(device: torch.device) -> str | None:
         return f"FP8 linears need compute capability >= 8.9 (Ada/Hopper), this GPU has {cap[0]}.{cap[1]}"
     if not hasattr(torch, "_scaled_mm"):
         return f"FP8 linears need torch._scaled_mm (torch {torch.__version__} lacks it)"
-    reason = _triton_ok()  # the per-token activation quantization is a Triton kernel
+    reason = triton_problem()  # the per-token activation quantization is a Triton kernel
     return f"FP8 linears need Triton: {reason}" if reason else None
 
 
@@ -68,7 +57,7 @@ def int8_requirement(device: torch.device) -> str | None:
         return f"INT8 linears need a CUDA device (or the CPU reference path), got {device}"
     if cap < (8, 0):
         return f"INT8 linears need compute capability >= 8.0, this GPU has {cap[0]}.{cap[1]}"
-    reason = _triton_ok()
+    reason = triton_problem()
     return f"INT8 linears need Triton: {reason}" if reason else None
 
 
@@ -277,14 +266,8 @@ def quantize_model(model: nn.Module, mode: str, skip: tuple[str, ...] = DEFAULT_
     device = param.device if param is not None else torch.device("cpu")
     check_quantization(mode, device)
     cls = QUANT_MODES[mode]
-    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
-    # by name, one at a time: each high-precision weight is freed as soon as its 8-bit copy is in
-    # place (holding the original modules here would keep the whole model twice until the end)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_linear(getattr(parent, child)))
-    log.info("quantized %d linear layers to %s", len(names), mode)
+    count = swap_modules(model, lambda name, m: type(m) is nn.Linear and not _skipped(name, skip), cls.from_linear)
+    log.info("quantized %d linear layers to %s", count, mode)
     return model
 
 

@@ -3,8 +3,6 @@ refusals; the same kernels on a GPU when one is there."""
 from __future__ import annotations
 
 import os
-import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -16,30 +14,14 @@ pytest.importorskip("triton")
 from engine.attention import get_backend, list_backends  # noqa: E402
 from engine.quant.reference import FORMATS, quantize_rows  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from triton_interp import run_interpreted  # noqa: E402
+
 torch.set_num_threads(1)
-KERNELS = pathlib.Path(__file__).resolve().parents[2] / "engine" / "kernels"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# The interpreter must be switched on before triton is first imported, so the kernels run in one
-# child process (TRITON_INTERPRET=1) on inputs made here; each test checks its outputs.
-_DRIVER = r"""
-import importlib.util, sys, torch
-torch.set_num_threads(1)
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, sys.argv[1] + "/" + name + ".py")
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod
-qo, sa, nr = load("quant_ops"), load("sage_attention"), load("norm_rope")
-cases = torch.load(sys.argv[2], weights_only=False)
-out = {}
-for name, (fn, args, kwargs) in cases.items():
-    mod, attr = fn.split(".")
-    out[name] = getattr({"quant_ops": qo, "sage_attention": sa, "norm_rope": nr}[mod], attr)(*args, **kwargs)
-torch.save(out, sys.argv[3])
-"""
 
 
 SAGE_VARIANT_FLAGS = {"qkfp8": (True, False), "skip": (False, True), "qkfp8_skip": (True, True)}
@@ -83,14 +65,8 @@ def _cases() -> dict:
 @pytest.fixture(scope="module")
 def interp(tmp_path_factory):
     """(inputs, outputs) of every case, the kernels run by the Triton CPU interpreter."""
-    d = tmp_path_factory.mktemp("interp")
     cases = _cases()
-    torch.save(cases, d / "in.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(KERNELS), str(d / "in.pt"), str(d / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cases, torch.load(d / "out.pt")
+    return cases, run_interpreted(tmp_path_factory.mktemp("interp"), cases)
 
 
 def test_quant_rows_int8_matches_reference(interp):

@@ -169,7 +169,7 @@ def test_refusals_name_the_reason(monkeypatch):
     with pytest.raises(RuntimeError, match="INT8 linears need compute capability >= 8.0"):
         check_quantization("int8", "cuda")
     monkeypatch.setattr(qlinear, "_cuda_capability", lambda device: (9, 0))
-    monkeypatch.setattr(qlinear, "_triton_ok", lambda: "triton is not importable (test)")
+    monkeypatch.setattr(qlinear, "triton_problem", lambda: "triton is not importable (test)")
     for mode, fmt in (("fp8", "FP8"), ("int8", "INT8")):   # both run Triton activation quantization
         with pytest.raises(RuntimeError, match=f"{fmt} linears need Triton: triton is not importable"):
             check_quantization(mode, "cuda")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -16,25 +14,15 @@ import torch.nn.functional as F
 from engine.kernels.apply import FusedRMSNorm, fuse_vae_norms
 from engine.models.wan.vae import RMSNorm, WanVAE, WanVAEConfig
 
+sys.path.insert(0, os.path.dirname(__file__))
+from triton_interp import run_interpreted  # noqa: E402
+
 torch.set_num_threads(1)
-KERNELS = pathlib.Path(__file__).resolve().parents[2] / "engine" / "kernels"
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# The interpreter must be on before triton is first imported: the kernel runs in a child process
-# (TRITON_INTERPRET=1) on inputs made here, and the tests compare its outputs.
-_DRIVER = r"""
-import importlib.util, sys, torch
-torch.set_num_threads(1)
-spec = importlib.util.spec_from_file_location("vae_norm", sys.argv[1] + "/vae_norm.py")
-mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-cases = torch.load(sys.argv[2], weights_only=False)
-torch.save({name: mod.rms_norm_act(*args) for name, args in cases.items()}, sys.argv[3])
-"""
 
 
 def _cases() -> dict[str, tuple]:
@@ -74,14 +62,9 @@ def eager(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, silu:
 def interp(tmp_path_factory):
     """(inputs, outputs) of every case, the kernel run by the Triton CPU interpreter."""
     pytest.importorskip("triton")
-    d = tmp_path_factory.mktemp("vae_norm")
     cases = _cases()
-    torch.save(cases, d / "in.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(KERNELS), str(d / "in.pt"), str(d / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cases, torch.load(d / "out.pt")
+    calls = {name: ("vae_norm.rms_norm_act", args, {}) for name, args in cases.items()}
+    return cases, run_interpreted(tmp_path_factory.mktemp("vae_norm"), calls)
 
 
 @pytest.mark.parametrize("silu", [False, True])
