@@ -40,12 +40,10 @@ class DecodeFramesStage(Stage):
 
     def decode_to_unit_range(self, latents: Latents) -> torch.Tensor:
         """VAE decode -> (F, H, W, 3) float32 in [0, 1], on the engine's device."""
-        from engine.models.wan.vae import decode_latents
-
         device, dtype = self.options.torch_device, self.options.torch_dtype
-        # 1. VAE decode of the normalised latents (spatially tiled when options.vae_tiling).
+        # 1. VAE decode of the normalised latents (in tiles if the loader set the VAE up so).
         z = latents.latents.to(device, dtype)[None]                             # (1, z, F_lat, H_lat, W_lat)
-        video = decode_latents(self.vae, z, self.options)[0]                    # (3, F, H, W) in [-1, 1]
+        video = self.vae.decode(z)[0]                                           # (3, F, H, W) in [-1, 1]
         # 2. To [0, 1], frames last.
         return (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(1, 2, 3, 0).contiguous()  # (F, H, W, 3)
 

@@ -302,6 +302,6 @@ def halo_split_decode(vae: WanVAE, latents: Tensor, group: SubGroup, dst: int = 
     stripes = RowStripes(group, stripe_rows(latents.shape[-2], group.size))
     # 1. this rank's latent rows, decoded by the halo view of the VAE (clamping is per pixel)
     mine = latents[..., stripes.start:stripes.start + stripes.rows[group.rank], :]
-    pixels = halo_vae_view(vae, stripes).decode(mine)  # (B, 3, F', 8 rows, 8w)
+    pixels = halo_vae_view(vae, stripes).decode_whole(mine)  # (B, 3, F', 8 rows, 8w)
     # 2. the stripes, in rank order, on dst
     return stripes.gather_rows(pixels, dst)

@@ -9,15 +9,14 @@ import torch
 
 from engine.models.wan.keymap_vae import diffusers_to_official, official_to_diffusers
 from engine.models.wan.vae import (
+    DEFAULT_TILING,
     WanVAE,
     WanVAEConfig,
     blend,
-    decode_latents,
     decode_tile,
     plan_tiles,
     tiled_decode,
 )
-from engine.options import EngineOptions
 
 diffusers = pytest.importorskip("diffusers")
 torch.set_num_threads(1)
@@ -472,13 +471,19 @@ def test_tiles_by_rank_then_blend_equals_tiled_decode(pair):
     assert torch.allclose(video, tiled_decode(ours, latents, (8, 6), (4, 2)), atol=1e-6)
 
 
-def test_engine_options_select_tiling(pair):
+def test_tiling_attribute_selects_tiled_decode(pair):
+    """`WanVAE.tiling` (set by the loader for EngineOptions.vae_tiling) makes `decode` tiled."""
     _, ours = pair
     latents = torch.randn(1, 4, 1, 36, 2)  # taller than one 32-latent tile
-    tiled = decode_latents(ours, latents, EngineOptions(vae_tiling=True))
+    plain = ours.decode(latents)
+    ours.tiling = DEFAULT_TILING
+    try:
+        tiled = ours.decode(latents)
+    finally:
+        ours.tiling = None
     assert torch.equal(tiled, tiled_decode(ours, latents))
-    assert not torch.equal(tiled, ours.decode(latents))
-    assert torch.equal(decode_latents(ours, latents, EngineOptions()), ours.decode(latents))
+    assert not torch.equal(tiled, plain)
+    assert torch.equal(plain, ours.decode_whole(latents))
 
 
 def test_layout_helpers_keep_channels_last_without_copies():

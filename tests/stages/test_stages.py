@@ -248,7 +248,7 @@ def test_pipeline_refuses_request_resolved_for_another_model():
 
 
 def test_decode_honours_vae_tiling(tiny_wan_dir, monkeypatch):
-    """options.vae_tiling routes the decode through the VAE's tiled decode (one tile here: equal)."""
+    """The loader sets the VAE up to decode in tiles for options.vae_tiling (one tile here: equal)."""
     import engine.models.wan.vae as wan_vae
     from engine.families import get_family
     from engine.loading import resolve_checkpoint
@@ -262,6 +262,7 @@ def test_decode_honours_vae_tiling(tiny_wan_dir, monkeypatch):
     latents = Latents(torch.randn(req.latent_shape, generator=torch.Generator().manual_seed(0)))
     plain = DecodeFramesStage(vae, CPU)(req, latents).frames
     assert calls == []
-    tiled = DecodeFramesStage(vae, CPU.with_(vae_tiling=True))(req, latents).frames
+    tiled_vae = get_family(ckpt.spec.family).load_vae(ckpt, CPU.with_(vae_tiling=True))
+    tiled = DecodeFramesStage(tiled_vae, CPU.with_(vae_tiling=True))(req, latents).frames
     assert calls == [1]
     np.testing.assert_allclose(tiled, plain, atol=1e-5)

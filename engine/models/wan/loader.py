@@ -198,7 +198,8 @@ class WanFamily:
         return apply_offload(optimize_transformer(model, options), options)
 
     def load_vae(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
-        """`WanVAE` in eval mode on the options' device and dtype (channels-last on CUDA)."""
+        """`WanVAE` in eval mode on the options' device and dtype (channels-last on CUDA), decoding
+        in tiles when `options.vae_tiling`."""
         from engine.models.wan.vae import WanVAE, WanVAEConfig
 
         if ckpt.layout == "diffusers":
@@ -210,10 +211,12 @@ class WanFamily:
             state_dict = keymap_vae.official_to_diffusers(read_pth(ckpt.file(OFFICIAL_VAE)))
             config = infer_vae_config(state_dict)
         from engine.kernels import optimize_vae
+        from engine.models.wan.vae import DEFAULT_TILING
 
         vae = build_module(lambda: WanVAE(config), state_dict, dtype=options.torch_dtype,
                            device=options.torch_device)
-        return optimize_vae(vae, options)  # CUDA: channels-last + cuDNN autotuning
+        vae.tiling = DEFAULT_TILING if options.vae_tiling else None
+        return optimize_vae(vae, options)  # CUDA: channels-last, fused norms, cuDNN autotuning
 
     def load_text_encoder(self, ckpt: Checkpoint, options: EngineOptions) -> WanTextEncoder:
         """umT5 encoder + tokenizer. float16 is run as bfloat16 (umT5 overflows in float16)."""

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.options import EngineOptions
 
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -463,6 +462,9 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(config)
         self.memory_format = torch.contiguous_format
         """Layout of activations; `to_channels_last()` switches to channels_last_3d."""
+        self.tiling: tuple[tuple[int, int], tuple[int, int]] | None = None
+        """(tile, overlap) in latent pixels: `decode` runs `tiled_decode` with them (bounded
+        memory; the loader sets DEFAULT_TILING for `EngineOptions.vae_tiling`); None: whole frames."""
 
     @classmethod
     def from_state_dict(cls, config: WanVAEConfig, state_dict: dict[str, Tensor],
@@ -516,10 +518,17 @@ class WanVAE(nn.Module):
 
     # -- decode -------------------------------------------------------------------------------
 
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents (B, z, F, h, w) -> video (B, 3, 4(F - 1) + 1, 8h, 8w) in [-1, 1]:
+        whole frames, or in overlapping tiles when `self.tiling` is set."""
+        if self.tiling is None:
+            return self.decode_whole(latents)
+        return tiled_decode(self, latents, *self.tiling)
+
     @torch.no_grad()
-    def decode(self, latents: Tensor, clamp: bool = True) -> Tensor:
-        """Normalised latents (B, z, F, h, w) -> video (B, 3, 4(F - 1) + 1, 8h, 8w) in the model
-        dtype, clamped to [-1, 1] (`clamp=False` leaves it raw, for tiles that are blended)."""
+    def decode_whole(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """`decode` of whole frames, in the model dtype, clamped to [-1, 1] (`clamp=False` leaves
+        it raw, for tiles that are blended)."""
         b, z, f, h, w = latents.shape
         if z != self.config.z_dim:
             raise ValueError(f"latents must have z_dim={self.config.z_dim} channels, got {z}")
@@ -614,7 +623,7 @@ def plan_tiles(latent_hw: tuple[int, int], tile_latent: tuple[int, int] = (32, 3
 def decode_tile(vae: WanVAE, latents: Tensor, region: TileRegion) -> Tensor:
     """Decode one spatial tile over all frames (a normal causal decode of the cropped latent).
     Returns raw, unclamped pixels (B, 3, F', 8 (h1 - h0), 8 (w1 - w0)) for `blend`."""
-    return vae.decode(latents[..., region.h0:region.h1, region.w0:region.w1], clamp=False)
+    return vae.decode_whole(latents[..., region.h0:region.h1, region.w0:region.w1], clamp=False)
 
 
 class TileBlender:
@@ -674,9 +683,13 @@ def blend(pieces: Sequence[tuple[TileRegion, Tensor]], latent_hw: tuple[int, int
     return blender.result()
 
 
-def tiled_decode(vae: WanVAE, latents: Tensor, tile_latent: tuple[int, int] = (32, 32),
-                 overlap_latent: tuple[int, int] = (8, 8)) -> Tensor:
-    """`vae.decode` in overlapping spatial tiles: peak activation memory is that of one tile.
+DEFAULT_TILING = ((32, 32), (8, 8))
+"""(tile, overlap) in latent pixels of `EngineOptions.vae_tiling`: 256x256-pixel tiles, 64 shared."""
+
+
+def tiled_decode(vae: WanVAE, latents: Tensor, tile_latent: tuple[int, int] = DEFAULT_TILING[0],
+                 overlap_latent: tuple[int, int] = DEFAULT_TILING[1]) -> Tensor:
+    """`vae.decode_whole` in overlapping spatial tiles: peak activation memory is that of one tile.
 
     Equals the plain decode up to the tiles' border effects, which the linear blend hides (the
     test measures it). To spread the work over ranks (e.g. a DiT group decoding one video):
@@ -693,11 +706,6 @@ def tiled_decode(vae: WanVAE, latents: Tensor, tile_latent: tuple[int, int] = (3
     for region in plan_tiles(latent_hw, tile_latent, overlap_latent):
         blender.add(region, decode_tile(vae, latents, region))
     return blender.result()
-
-
-def decode_latents(vae: WanVAE, latents: Tensor, options: EngineOptions) -> Tensor:
-    """The decode `EngineOptions.vae_tiling` selects: tiled (bounded memory) or plain."""
-    return tiled_decode(vae, latents) if options.vae_tiling else vae.decode(latents)
 
 
 # ---------------------------------------------------------------------------------------------
