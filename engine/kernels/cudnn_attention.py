@@ -18,7 +18,7 @@ FP8 scales, so the numerics differ from the per-block Sage kernels:
 Steps 1, 2 and 4 are plain torch, so under torch.compile Inductor fuses them with the norm /
 rotary before and the output projection's quantization after; step 3 is one opaque custom op.
 
-Requires the `nvidia-cudnn-frontend` package (`pip install "lightx2v-serve[cudnn]"`), a cuDNN >= 9.1
+Requires the `nvidia-cudnn-frontend` package (`pip install -e ".[cudnn]"` in this repo), a cuDNN >= 9.1
 backend (the one torch ships) and an FP8-capable GPU (compute capability >= 9.0); the backend's
 requirement check says which is missing, at start-up.
 """
@@ -50,7 +50,7 @@ def cudnn_fp8_requirement(device: torch.device) -> str | None:
         import cudnn  # noqa: F401
     except Exception as e:
         return (f"needs the cuDNN frontend: pip install nvidia-cudnn-frontend "
-                f"(or lightx2v-serve[cudnn]); it does not import here ({e})")
+                f"(or pip install -e '.[cudnn]' in this repo); it does not import here ({e})")
     return None
 
 
