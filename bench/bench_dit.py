@@ -248,9 +248,7 @@ def bench_cudnn_fp8(args, q, k, v, ref, flop: float) -> None:
 
 
 def bench_norm_rope(args, grid: tuple[int, int, int] = (21, 30, 52), heads: int = 40) -> None:
-    """q/k RMSNorm + rotary at the 14B 480p shape: the model's eager code, the lean torch version
-    and the fused Triton kernel (engine.kernels.fused_attention), on a strided q of q|k|v."""
-    from engine.kernels.fused_attention import apply_rope_lean
+    """q/k RMSNorm + rotary at the 14B 480p shape: the model's eager code and the fused Triton kernel (engine.kernels.fused_attention), on a strided q of q|k|v."""
     from engine.kernels.norm_rope import rms_norm_rope
     from engine.models.wan.transformer import apply_rope, rope_3d
 
@@ -263,7 +261,6 @@ def bench_norm_rope(args, grid: tuple[int, int, int] = (21, 30, 52), heads: int 
         ref = apply_rope(norm(x).unflatten(2, (heads, -1)), rope)
         variants = {
             "eager (model code)": lambda: apply_rope(norm(x).unflatten(2, (heads, -1)), rope),
-            "lean torch": lambda: apply_rope_lean(norm(x).unflatten(2, (heads, -1)), rope),
             "Triton fused": lambda: rms_norm_rope(x, norm.weight, 1e-6, rope[0], rope[1], heads),
         }
         for name, fn in variants.items():

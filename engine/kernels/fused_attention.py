@@ -3,8 +3,8 @@
 `fuse_attention(model)` replaces, in every block,
   - `attn1` (WanSelfAttention) by `FusedSelfAttention`: q, k and v in ONE GEMM (`to_qkv`, the three
     weights concatenated at swap time), then RMSNorm + rotary embedding of q and k in one Triton
-    pass on CUDA (eager), or in lean torch (no float32 stack of the rotated pairs) elsewhere and
-    under torch.compile (Inductor fuses it);
+    pass on CUDA (eager), or the model's own norm and `apply_rope` elsewhere and under
+    torch.compile (Inductor fuses them);
   - `attn2` (WanCrossAttention) by `FusedCrossAttention`: text k and v in one GEMM (`to_kv`).
 The checkpoint keys are untouched (the swap happens after loading), the model file stays as it is,
 and the attention cores (`.core`, the seam for backends and Ulysses) are the same objects. In
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from engine.models.wan.transformer import Rope, WanCrossAttention, WanSelfAttention
+from engine.models.wan.transformer import Rope, WanCrossAttention, WanSelfAttention, apply_rope
 from engine.modules import swap_modules
 from engine.requirements import use_triton_kernel
 
@@ -33,17 +33,6 @@ def _fused_linear(*linears: nn.Linear) -> nn.Linear:
     return fused
 
 
-def apply_rope_lean(x: Tensor, rope: Rope) -> Tensor:
-    """`transformer.apply_rope` with the same values (float32 math, cast on store) but no float32
-    (B, L, H, Dh // 2, 2) intermediate: the rotated pairs are written into x's dtype directly."""
-    cos, sin = rope  # (1, L, 1, Dh // 2)
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, Dh // 2) each
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out  # (B, L, H, Dh)
-
-
 def norm_rope(x: Tensor, norm: nn.RMSNorm, rope: Rope, heads: int) -> Tensor:
     """RMSNorm across heads, head split, rotary embedding: (B, L, D) -> (B, L, H, Dh)."""
     if use_triton_kernel(x) and norm.weight is not None and x.stride(-1) == 1:
@@ -51,7 +40,7 @@ def norm_rope(x: Tensor, norm: nn.RMSNorm, rope: Rope, heads: int) -> Tensor:
 
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
         return rms_norm_rope(x, norm.weight, eps, rope[0], rope[1], heads)
-    return apply_rope_lean(norm(x).unflatten(2, (heads, -1)), rope)
+    return apply_rope(norm(x).unflatten(2, (heads, -1)), rope)
 
 
 class FusedSelfAttention(nn.Module):

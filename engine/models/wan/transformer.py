@@ -345,11 +345,14 @@ def rope_3d(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> 
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, L, H, Dh) by the rope angles; computed in float32."""
+    """Rotate channel pairs (2i, 2i+1) of x (B, L, H, Dh) by the rope angles: float32 math (the
+    tables are float32), each rotated half written straight into x's dtype (as diffusers)."""
     cos, sin = rope  # (1, L, 1, Dh // 2)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, Dh // 2) each
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, L, H, Dh // 2, 2)
-    return out.flatten(-2).type_as(x)  # (B, L, H, Dh)
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out  # (B, L, H, Dh)
 
 
 # ---------------------------------------------------------------------------------------------
