@@ -37,11 +37,11 @@ import torch.distributed as dist
 
 from cluster.worker_group import WorkerContext, WorkerGroup
 from engine.options import EngineOptions
+from stages.request import ResolvedRequest
 
 if TYPE_CHECKING:
     from engine.loading import Checkpoint
     from stages.payloads import ImageCond, Latents, TextEmbeds
-    from stages.request import GenerationRequest, ResolvedRequest
 
 
 _MAX_REMEMBERED = 1024
@@ -130,22 +130,18 @@ class DiTWorker:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def denoise(self, request: "ResolvedRequest | GenerationRequest", text_embeds: "TextEmbeds",
+    def denoise(self, request: ResolvedRequest, text_embeds: "TextEmbeds",
                 image_cond: "ImageCond | None", job_id: str) -> "Latents | None":
         """Run the sampler loop on every rank; rank 0 returns the Latents, the others None.
         Raises `stages.base.Cancelled` on every rank when the job was cancelled.
 
-        A `GenerationRequest` is resolved on each rank, so it must carry its seed (each rank
-        would draw a different random seed, i.e. different noise, otherwise)."""
-        from stages.request import GenerationRequest
-
+        `request` is resolved once by the caller (`GenerationRequest.resolve(spec)`): every rank
+        must run the same request, the same seed included."""
+        if not isinstance(request, ResolvedRequest):
+            raise TypeError(f"DiTWorker.denoise: expected a ResolvedRequest (resolve it once before "
+                            f"sending it to the group: GenerationRequest.resolve(spec)), got "
+                            f"{type(request).__name__}")
         stage = self._require_stage()
-        if isinstance(request, GenerationRequest):
-            if request.seed is None and request.latents is None:
-                raise ValueError("seed: a GenerationRequest sent to the DiT group needs a seed (or "
-                                 "latents): every rank resolves it and would draw its own; resolve "
-                                 "it once (request.resolve(spec)) or set seed")
-            request = request.resolve(self.spec)
         with self._run_lock:
             self._set_progress(job_id, 0, request.steps)
             try:

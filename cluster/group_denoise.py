@@ -61,14 +61,11 @@ class GroupDenoiseStage(Stage):
     @classmethod
     def start(cls, ckpt: "Checkpoint | str", options: EngineOptions,
               timeout_s: float = 600) -> "GroupDenoiseStage":
-        """Start the group for `options.parallel`, load the DiT of `ckpt` on it, warm it up."""
+        """Start the group for `options.parallel`, load the DiT of `ckpt` on it, warm it up.
+        One GPU per rank on CUDA: more ranks than the cluster has GPUs is refused at once (a
+        ValueError from `WorkerGroup.start`)."""
         ensure_ray()
         gpus = 1.0 if options.torch_device.type == "cuda" else 0.0
-        total = ray.cluster_resources().get("GPU", 0)
-        if gpus and total < options.parallel.world_size:
-            raise ValueError(
-                f"parallel: cfg={options.parallel.cfg} x ulysses={options.parallel.ulysses} needs "
-                f"{options.parallel.world_size} GPUs (one per rank), the Ray cluster has {total:g}")
         group = start_dit_group(DiTWorker, options.parallel.world_size, ckpt, options,
                                 gpus_per_worker=gpus, timeout_s=timeout_s)
         log.info("DiT group ready: %s", "; ".join(r.describe() for r in group.ranks))

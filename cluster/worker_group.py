@@ -4,7 +4,8 @@ The pattern is the one Ray Serve LLM uses for vLLM (notes/ray-serve.md, "Multi-G
 
 1. ``start()`` creates ``world_size`` actors, each with ``gpus_per_worker`` GPUs (fractional
    allowed; 0 for CPU-only groups), inside the caller's placement group when there is one
-   (a Serve replica with ``placement_group_bundles``), one GPU bundle each.
+   (a Serve replica with ``placement_group_bundles``), one GPU bundle each. Outside a placement
+   group, a group that needs more GPUs than the cluster has is refused before any actor is made.
 2. Each actor reports its node IP and GPU ids; ranks are assigned by sorting on (node IP, GPU id),
    because Ray hands out GPU ids unordered.
 3. Rank 0 opens a ``TCPStore`` on a port the OS picks (never a fixed port); every rank joins the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import threading
 import time
@@ -193,6 +195,16 @@ def _pick_device(backend: str, gpu_ids: tuple[str, ...]):
     return torch.device("cuda", index)
 
 
+def gpu_room(total_gpus: float, per_rank: float) -> int:
+    """How many ranks of ``per_rank`` GPUs (> 0) fit on ``total_gpus`` GPUs. Ray never splits a
+    fraction of a GPU over two GPUs, so each GPU holds floor(1 / per_rank) fractional ranks. For
+    GPUs spread over several nodes this is an upper bound (a rank of 2 GPUs needs one node's)."""
+    eps = 1e-6  # 3 x 0.3333 fits one GPU (Ray rounds shares to 1e-4)
+    if per_rank < 1:
+        return math.floor(total_gpus + eps) * math.floor(1 / per_rank + eps)
+    return math.floor(total_gpus / per_rank + eps)
+
+
 class WorkerGroup:
     """N Ray actors running ``worker_cls``, one process group; see the module docstring.
 
@@ -239,9 +251,14 @@ class WorkerGroup:
     # -- start-up ---------------------------------------------------------------------------
     def start(self, *init_args: Any, **init_kwargs: Any) -> None:
         """Create the actors, sort ranks, rendezvous, build ``worker_cls(*init_args, **init_kwargs)``
-        on every rank and call its ``init_device(ctx)``. Raises on any failure (nothing left running)."""
+        on every rank and call its ``init_device(ctx)``. Raises on any failure (nothing left running):
+        a ``ValueError`` at once, before any actor exists, when the cluster has too few GPUs for the
+        group; a ``WorkerGroupError`` when the workers do not start within ``timeout_s``."""
         if self._actors:
             raise WorkerGroupError("this WorkerGroup was already started; make a new one")
+        # (Asking for the placement group connects Ray, as the first `.remote()` would.)
+        if ray.util.get_current_placement_group() is None:
+            self._check_cluster_gpus()  # in a placement group, _bundle_index checks the bundles
         try:
             self._start(init_args, init_kwargs)
         except BaseException:
@@ -302,6 +319,24 @@ class WorkerGroup:
         self._monitor.start()
         log.info("worker group started: %s, backend %s",
                  "; ".join(r.describe() for r in self.ranks), self.backend)
+
+    def _check_cluster_gpus(self) -> None:
+        """Refuse a group that the cluster can never place (more GPUs than it has) instead of
+        waiting ``timeout_s`` for actors that never start. Counts the cluster's GPUs, not the free
+        ones: GPUs in use may be freed meanwhile (the start-up timeout covers that case)."""
+        per_rank = self.gpus_per_worker
+        if per_rank == 0:
+            return  # a CPU group (gloo)
+        total = ray.cluster_resources().get("GPU", 0)
+        room = gpu_room(total, per_rank)
+        if room >= self.world_size:
+            return
+        need = self.world_size * per_rank
+        raise ValueError(
+            f"the worker group needs {need:g} GPU ({self.world_size} ranks x {per_rank:g}), the Ray "
+            f"cluster has {total:g}"
+            + (f", room for {room} ranks of {per_rank:g} GPU (a rank's share of a GPU is never "
+               "split over two GPUs)" if need <= total else ""))
 
     def _make_actor(self, index: int) -> ray.actor.ActorHandle:
         options: dict[str, Any] = dict(

@@ -88,14 +88,17 @@ class FakeStageEngine:
 class FakeDiTWorker:
     """The DiT worker interface (cluster.DiTWorker) with a sleeping denoise loop. In a group of
     several ranks every step is a real collective (the agreed cancel flag, all-reduced over the
-    group's process group, as cluster.DiTWorker does)."""
+    group's process group, as cluster.DiTWorker does). Unlike DiTWorker it does not serialize
+    `denoise` calls itself: `stats()` counts them and the most that ran at once on this rank, so
+    a test can check that its caller runs one at a time."""
 
     def __init__(self, *, step_s: float = 0.0, timeline: str | None = None) -> None:
         self.step_s = step_s
         self.timeline = timeline
-        self._progress: dict[str, int] = {}
+        self._progress: dict[str, dict] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
+        self._calls = self._active = self._max_active = 0
         self.rank, self.world_size = 0, 1
         self.broken: str | None = None
 
@@ -109,16 +112,20 @@ class FakeDiTWorker:
         return 0.0
 
     def denoise(self, request: ResolvedRequest, text: TextEmbeds, image: ImageCond | None,
-                *, job_id: str) -> Latents | None:
+                job_id: str) -> Latents | None:
         from stages.base import Cancelled
 
         start = time.time()
+        with self._lock:
+            self._calls += 1
+            self._active += 1
+            self._max_active = max(self._max_active, self._active)
         _record(self.timeline, "denoise_start", request, start)
-        if request.prompt.startswith("BREAK_DEVICE"):
-            self.broken = f"fake device error (broken by {request.prompt!r})"
-        if self.broken is not None:
-            raise RuntimeError(self.broken)
         try:
+            if request.prompt.startswith("BREAK_DEVICE"):
+                self.broken = f"fake device error (broken by {request.prompt!r})"
+            if self.broken is not None:
+                raise RuntimeError(self.broken)
             for step in range(request.steps):
                 if self.rank == 1 and request.prompt.startswith("FAIL_RANK1"):
                     raise RuntimeError(f"fake DiT worker rank 1 asked to fail for {request.prompt!r}")
@@ -127,10 +134,11 @@ class FakeDiTWorker:
                     raise Cancelled(f"job {job_id} cancelled before step {step + 1}")
                 time.sleep(self.step_s)
                 with self._lock:
-                    self._progress[job_id] = step + 1
+                    self._progress[job_id] = {"step": step + 1, "total": request.steps}
         finally:
             with self._lock:
                 self._progress.pop(job_id, None)
+                self._active -= 1
         if self.rank == 0:
             _record(self.timeline, "denoise", request, start)
             return Latents(latents=torch.zeros(request.latent_shape))
@@ -150,8 +158,13 @@ class FakeDiTWorker:
 
     def progress(self, job_id: str) -> dict | None:
         with self._lock:
-            step = self._progress.get(job_id)
-        return None if step is None else {"step": step, "total": None}
+            entry = self._progress.get(job_id)
+        return None if entry is None else dict(entry)
+
+    def stats(self) -> dict:
+        """{"calls": denoise calls so far, "max_active": the most that ran at once} on this rank."""
+        with self._lock:
+            return {"calls": self._calls, "max_active": self._max_active}
 
     def cancel(self, job_id: str) -> None:
         with self._lock:

@@ -118,14 +118,17 @@ def test_cancel_and_progress(cfg_group, reference):
     assert rel_err(out.latents, reference["t2v_odd_tokens"]) < TOL
 
 
-def test_unresolved_request_without_seed_is_refused(cfg_group):
-    """Each rank resolves a GenerationRequest itself: without a seed every rank would draw its own
-    noise and the ranks' latents would silently diverge."""
+def test_unresolved_request_is_refused(cfg_group):
+    """The ranks take a ResolvedRequest only (resolved once by the caller, so every rank runs the
+    same seed); a GenerationRequest is refused on every rank, even one with a seed, and the group
+    stays usable."""
     from stages.request import GenerationRequest
 
     _, text, _ = pr.case_inputs(CASES["t2v_even_tokens"])
-    with pytest.raises(ValueError, match="seed: a GenerationRequest sent to the DiT group needs a seed"):
-        cfg_group.get(cfg_group.call("denoise", GenerationRequest(prompt="p"), text, None, "no-seed"))
+    refs = cfg_group.call("denoise", GenerationRequest(prompt="p", seed=0), text, None, "unresolved")
+    for ref in refs:
+        with pytest.raises(TypeError, match="expected a ResolvedRequest .* got GenerationRequest"):
+            cfg_group.get(ref, timeout=60)
     cfg_group.check_health()
 
 

@@ -1,19 +1,18 @@
-"""`GroupDenoiseStage` request handling on a worker group of fake DiT workers (gloo, no model):
-progress, cancellation (before and during a request), one request at a time, and a rank that fails
-while the others wait in a collective."""
+"""`GroupDenoiseStage` request handling on a worker group of fake DiT workers
+(`serving.fakes.FakeDiTWorker`, gloo, no model): progress, cancellation (before and during a
+request), one request at a time, and a rank that fails while the others wait in a collective."""
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from cluster.group_denoise import GroupDenoiseStage
 from cluster.worker_group import WorkerGroup, WorkerGroupError
 from engine.options import EngineOptions, ParallelConfig
+from serving.fakes import FakeDiTWorker
 from stages.base import Cancelled
 from stages.payloads import Latents, TextEmbeds
 from stages.request import ResolvedRequest
@@ -21,51 +20,8 @@ from stages.request import ResolvedRequest
 pytestmark = pytest.mark.ray
 
 STEP_S = 0.05
-FAIL_ON_RANK_1 = "fail on rank 1"
 OPTIONS = EngineOptions(parallel=ParallelConfig(cfg=2))
 TEXT = TextEmbeds(context=torch.zeros(3, 4), negative_context=None)
-
-
-class StepWorker:
-    """Stands in for `DiTWorker`: `steps` sleeps of STEP_S; rank 0 returns the Latents."""
-
-    def __init__(self) -> None:
-        self.cancelled: set[str] = set()
-        self.steps: dict[str, dict] = {}
-        self.lock = threading.Lock()
-        self.calls = self.active = self.max_active = 0
-
-    def init_device(self, ctx) -> None:
-        self.ctx = ctx
-
-    def denoise(self, request, text, image, job_id):
-        with self.lock:
-            self.calls += 1
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-        try:
-            if request.prompt == FAIL_ON_RANK_1:
-                if self.ctx.rank == 1:
-                    raise ValueError("rank 1 failed before the collective")
-                dist.all_reduce(torch.ones(1))  # rank 1 never joins
-            for i in range(request.steps):
-                if job_id in self.cancelled:
-                    raise Cancelled(f"request cancelled before step {i + 1} of {request.steps}")
-                time.sleep(STEP_S)
-                self.steps[job_id] = {"step": i + 1, "total": request.steps}
-            return Latents(torch.zeros(request.latent_shape)) if self.ctx.rank == 0 else None
-        finally:
-            with self.lock:
-                self.active -= 1
-
-    def progress(self, job_id: str) -> dict | None:
-        return self.steps.get(job_id)
-
-    def cancel(self, job_id: str) -> None:
-        self.cancelled.add(job_id)
-
-    def stats(self) -> dict:
-        return {"calls": self.calls, "max_active": self.max_active}
 
 
 def make_request(steps: int = 6, prompt: str = "p") -> ResolvedRequest:
@@ -75,21 +31,11 @@ def make_request(steps: int = 6, prompt: str = "p") -> ResolvedRequest:
         output_type="latent", latents=None, latent_shape=(16, 1, 2, 2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pickle_workers_by_value():
-    # Ray workers cannot import this test module by name (pytest importlib mode): ship it by value.
-    import ray.cloudpickle as cp
-
-    cp.register_pickle_by_value(sys.modules[__name__])
-    yield
-    cp.unregister_pickle_by_value(sys.modules[__name__])
-
-
 @pytest.fixture(scope="module")
-def stage(ray_session, _pickle_workers_by_value):
-    group = WorkerGroup(StepWorker, 2, gpus_per_worker=0, timeout_s=60)
+def stage(ray_session):
+    group = WorkerGroup(FakeDiTWorker, 2, gpus_per_worker=0, timeout_s=60)
     try:
-        group.start()
+        group.start(step_s=STEP_S)
         yield GroupDenoiseStage(group, OPTIONS)
     finally:
         group.shutdown()
@@ -136,13 +82,14 @@ def test_concurrent_requests_run_one_at_a_time(stage):
 def test_rank_failing_while_others_wait_in_a_collective_fails_fast(ray_session):
     """Rank 1 raises while rank 0 waits in an all-reduce: the request fails within the straggler
     grace, not at the 60 s process-group timeout, and the out-of-step group is failed."""
-    group = WorkerGroup(StepWorker, 2, gpus_per_worker=0, timeout_s=60)
+    group = WorkerGroup(FakeDiTWorker, 2, gpus_per_worker=0, timeout_s=60)
     try:
-        group.start()
+        group.start(step_s=STEP_S)
         stage = GroupDenoiseStage(group, OPTIONS)
         start = time.monotonic()
-        with pytest.raises(ValueError, match="rank 1 failed"):
-            stage(make_request(prompt=FAIL_ON_RANK_1), TEXT, progress=lambda s, t: None)
+        with pytest.raises(RuntimeError, match="rank 1 asked to fail") as info:
+            stage(make_request(prompt="FAIL_RANK1 now"), TEXT, progress=lambda s, t: None)
+        assert not isinstance(info.value, WorkerGroupError)  # the rank's own error reaches the caller
         assert time.monotonic() - start < 20
         with pytest.raises(WorkerGroupError, match="out of step"):
             stage.check_health()
@@ -152,10 +99,10 @@ def test_rank_failing_while_others_wait_in_a_collective_fails_fast(ray_session):
 
 def test_more_ranks_than_gpus_is_refused_at_once(ray_session):
     """A CUDA group larger than the cluster's GPU count fails at start with the numbers (a
-    ValueError, which the CLI prints as a usage error), instead of waiting for workers that can
-    never be placed."""
+    ValueError from WorkerGroup.start, which the CLI prints as a usage error), instead of waiting
+    for workers that can never be placed."""
     options = EngineOptions(device="cuda", parallel=ParallelConfig(cfg=2, ulysses=8))
     start = time.monotonic()
-    with pytest.raises(ValueError, match=r"parallel: cfg=2 x ulysses=8 needs 16 GPUs .* has 8"):
+    with pytest.raises(ValueError, match=r"needs 16 GPU \(16 ranks x 1\), the Ray cluster has 8$"):
         GroupDenoiseStage.start("tiny-wan", options, timeout_s=5)
     assert time.monotonic() - start < 3

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster.worker_group import WorkerGroup, WorkerGroupError
+from cluster.worker_group import WorkerGroup, WorkerGroupError, gpu_room
 
 pytestmark = pytest.mark.ray
 
@@ -123,11 +123,40 @@ def test_cpu_group_and_argument_errors(ray_session):
             group.check_health()
 
 
+@pytest.mark.parametrize("world,gpus,message", [
+    (2, 100, r"needs 200 GPU \(2 ranks x 100\), the Ray cluster has 8$"),
+    (9, 1, r"needs 9 GPU \(9 ranks x 1\), the Ray cluster has 8$"),
+    # 5.4 GPU in all, but a 0.6 share is never split over two GPUs: one rank per GPU
+    (9, 0.6, r"needs 5.4 GPU \(9 ranks x 0.6\), the Ray cluster has 8, room for 8 ranks of 0.6 GPU"),
+])
+def test_more_gpus_than_the_cluster_has_is_refused_at_once(ray_session, world, gpus, message):
+    """A group the cluster can never place fails start() at once with what it needs and what the
+    cluster has (not after the whole timeout), before any actor exists."""
+    group = WorkerGroup(EchoWorker, world, gpus_per_worker=gpus, timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        group.start()
+    assert time.monotonic() - start < 3
+    assert group._actors == []
+    with pytest.raises(WorkerGroupError, match="not started"):
+        group.check_health()
+
+
+@pytest.mark.parametrize("total,per_rank,room", [
+    (8, 1, 8), (8, 3, 2), (2, 0.6, 2), (1, 0.5, 2), (1, 0.3333, 3), (1, 1 / 3, 3), (1, 0.34, 2),
+    (0, 0.5, 0), (2.5, 0.5, 4),
+])
+def test_gpu_room_counts_fractional_shares_per_gpu(total, per_rank, room):
+    assert gpu_room(total, per_rank) == room
+
+
 def test_workers_that_cannot_be_placed_fail_start_clearly(ray_session):
-    """More GPUs per worker than the cluster has: start() fails with what was asked and what is
-    free (not a bare GetTimeoutError after the whole timeout)."""
-    group = WorkerGroup(EchoWorker, 2, gpus_per_worker=100, timeout_s=2)
-    with pytest.raises(WorkerGroupError, match=r"did not all start within 2 s: each needs 100 GPU.*free"):
+    """Workers the cluster cannot place for a reason the early refusal does not look at (it counts
+    GPUs only; here 100 CPUs each): start() fails after the timeout with what was asked and what
+    is free (not a bare GetTimeoutError)."""
+    group = WorkerGroup(EchoWorker, 2, gpus_per_worker=0, cpus_per_worker=100, timeout_s=2)
+    with pytest.raises(WorkerGroupError,
+                       match=r"did not all start within 2 s: each needs 0 GPU and 100 CPU.*free"):
         group.start()
     with pytest.raises(WorkerGroupError, match="not started"):
         group.check_health()
