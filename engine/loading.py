@@ -203,10 +203,11 @@ def keeps_fp32(key: str, keep_in_fp32: tuple[str, ...]) -> bool:
 
 def cast_tensor(key: str, value: "torch.Tensor | LazyTensor", dtype: torch.dtype,
                 keep_in_fp32: tuple[str, ...]) -> torch.Tensor:
-    """Floating tensors to `dtype` (float32 for the keep-in-fp32 modules); others unchanged."""
+    """Floating tensors to `dtype` (float32 for the keep-in-fp32 modules); others unchanged, and
+    so are a pre-quantized linear's 8-bit weight and float32 scales (`engine.quant.checkpoint`)."""
     if isinstance(value, LazyTensor):
         value = value.load()
-    if not value.is_floating_point():
+    if not value.is_floating_point() or key.endswith((".weight_q", ".weight_scale")):
         return value
     return value.to(torch.float32 if keeps_fp32(key, keep_in_fp32) else dtype)
 

@@ -151,6 +151,20 @@ def models_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def quantize_main(args: argparse.Namespace) -> int:
+    from engine.quant.checkpoint import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    try:
+        out = quantize_checkpoint(args.model, args.output, args.quantization)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (DiT pre-quantized to {args.quantization}, {time.perf_counter() - t0:.1f} s); "
+          f"load it with quantization={args.quantization!r}")
+    return 0
+
+
 def build_parser(serve_arguments: bool = False) -> argparse.ArgumentParser:
     """`serve_arguments`: add the serve subcommand's flags (imports serving.launch)."""
     parser = argparse.ArgumentParser(prog="lightx2v", description="Video generation (Wan2.1, ...)")
@@ -159,6 +173,12 @@ def build_parser(serve_arguments: bool = False) -> argparse.ArgumentParser:
     add_generate_arguments(gen)
     gen.set_defaults(func=generate_main)
     sub.add_parser("models", help="list the model registry").set_defaults(func=models_main)
+    quant = sub.add_parser("quantize", help="write a copy of a diffusers-layout checkpoint with its DiT "
+                                            "pre-quantized (loads with half the DiT memory, no 16-bit copy)")
+    quant.add_argument("model", help="diffusers-layout checkpoint folder (or a registry name)")
+    quant.add_argument("--quantization", required=True, choices=["fp8", "int8"])
+    quant.add_argument("-o", "--output", required=True, help="new folder (must not exist or be empty)")
+    quant.set_defaults(func=quantize_main)
     serve = sub.add_parser("serve", help="start the Ray Serve app (see serving/launch.py)")
     if serve_arguments:
         from serving.launch import add_serve_arguments

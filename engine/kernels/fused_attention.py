@@ -17,11 +17,15 @@ from torch import Tensor, nn
 
 from engine.models.wan.transformer import Rope, WanCrossAttention, WanSelfAttention, apply_rope
 from engine.modules import swap_modules
+from engine.quant import QuantLinear
 from engine.requirements import use_triton_kernel
 
 
-def _fused_linear(*linears: nn.Linear) -> nn.Linear:
-    """One nn.Linear whose output is the concatenation of `linears`' outputs (same input)."""
+def _fused_linear(*linears: nn.Module) -> nn.Module:
+    """One linear whose output is the concatenation of `linears`' outputs (same input): an
+    nn.Linear, or for quantized linears (a pre-quantized checkpoint) the same quantized class."""
+    if isinstance(linears[0], QuantLinear):
+        return type(linears[0]).concatenated(list(linears))
     w = torch.cat([lin.weight.detach() for lin in linears], dim=0)
     has_bias = any(lin.bias is not None for lin in linears)
     with torch.device("meta"):

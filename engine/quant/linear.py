@@ -178,6 +178,25 @@ class QuantLinear(nn.Module):
             q.bias.data.copy_(linear.bias.detach())
         return q
 
+    @classmethod
+    def concatenated(cls, parts: "list[QuantLinear]") -> "QuantLinear":
+        """One quantized linear whose output is the concatenation of `parts`' outputs (same input).
+        Per-output-channel weights and scales stack as they are: equal to quantizing the
+        concatenated weight, with no requantization."""
+        if any(type(p) is not cls for p in parts) or len({p.in_features for p in parts}) != 1:
+            raise ValueError(f"{cls.__name__}.concatenated needs {cls.__name__}s of one input width")
+        first = parts[0]
+        has_bias = any(p.bias is not None for p in parts)
+        out = cls(first.in_features, sum(p.out_features for p in parts), bias=has_bias, device="meta")
+        out.weight_q = torch.cat([p.weight_q for p in parts])
+        out.weight_scale = torch.cat([p.weight_scale for p in parts])
+        if has_bias:  # a part without bias contributes zeros
+            dtype = next(p.bias.dtype for p in parts if p.bias is not None)
+            out.bias = nn.Parameter(torch.cat([
+                p.bias.detach() if p.bias is not None else p.weight_scale.new_zeros(p.out_features, dtype=dtype)
+                for p in parts]), requires_grad=False)
+        return out
+
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K) float32: what the quantized weight stands for."""
         return self.weight_q.float() * self.weight_scale[:, None]

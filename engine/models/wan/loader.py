@@ -178,21 +178,27 @@ class WanFamily:
         from engine.models.wan.transformer import WanTransformer
         from engine.offload import apply_offload, check_offload, storage_device
         from engine.quant import check_quantization
+        from engine.quant.checkpoint import check_requested, quantized_names, quantized_skeleton, stored_quantization
 
         # refuse impossible options before any weight is read (the compute device, not storage)
         check_offload(options)
         check_quantization(options.quantization, options.torch_device)
         config = read_dit_config(ckpt.path, ckpt.layout)  # (headers only)
         check_head_dim(get_backend(options.attention, options.torch_device), config.attention_head_dim)
+        factory = lambda: WanTransformer(config)  # noqa: E731
         if ckpt.layout == "diffusers":
             state_dict = lazy_safetensors(ckpt.file("transformer"))
+            stored = stored_quantization(read_json(ckpt.file("transformer", "config.json")))
+            if stored is not None:  # pre-quantized: 8-bit linears built on meta, no 16-bit weights
+                check_requested(stored, options.quantization, ckpt.path)
+                factory = quantized_skeleton(factory, stored, quantized_names(state_dict))
         else:
             state_dict = keymap_dit.official_to_diffusers(lazy_safetensors(ckpt.path))
         # some diffusers exports carry an unused `norm_added_q` (diffusers ignores it too)
         for key in [k for k in state_dict if ".norm_added_q." in k]:
             del state_dict[key]
         model = build_module(
-            lambda: WanTransformer(config), state_dict, dtype=options.torch_dtype,
+            factory, state_dict, dtype=options.torch_dtype,
             device=storage_device(options), keep_in_fp32=WanTransformer.keep_in_fp32,
         )
         return apply_offload(optimize_transformer(model, options), options)
