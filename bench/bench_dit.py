@@ -229,10 +229,7 @@ def bench_cudnn_fp8(args, q, k, v, ref, flop: float) -> None:
         ms = timed(lambda: ca.cudnn_fp8_attention(q, k, v), args.repeats)
         log(dict(section="kernels", op="cudnn_fp8 (quant + cuDNN sdpa_fp8 + dequant)", heads=heads, tokens=seq,
                  ms=ms, tflops=flop / ms / 1e9, rel_err=rel(out, ref)))
-        k0 = k - k.mean(dim=1, keepdim=True)
-        (q8, s_q), (k8, s_k), (v8, s_v) = (ca.quantize_per_tensor(t) for t in (q, k0, v))
-        one = torch.ones((), dtype=torch.float32, device=q.device)
-        scales = torch.stack([s_q, s_k, s_v, one / ca.FP8_MAX, one * ca.FP8_MAX, 1.0 / s_v])
+        q8, k8, v8, scales = ca.quantize_inputs(q, k, v)
         ms = timed(lambda: ca.cudnn_fp8_sdpa(q8, k8, v8, scales), args.repeats)
         log(dict(section="kernels", op="cudnn_fp8 sdpa_fp8 call alone", heads=heads, tokens=seq, ms=ms,
                  tflops=flop / ms / 1e9))

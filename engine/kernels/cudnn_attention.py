@@ -159,11 +159,18 @@ def quantize_per_tensor(x: Tensor) -> tuple[Tensor, Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def cudnn_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in v's dtype; see the module text."""
+def quantize_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 1-2 of the module text: smoothed K, FP8 Q/K/V (contiguous) and the six scales
+    `cudnn_fp8_sdpa` takes (descale q, k, v; descale_s, scale_s; scale_o = 1 / scale_v)."""
     k = k - k.mean(dim=1, keepdim=True)
     (q8, s_q), (k8, s_k), (v8, s_v) = (quantize_per_tensor(t) for t in (q, k, v))
     one = torch.ones((), dtype=torch.float32, device=q.device)
     scales = torch.stack([s_q, s_k, s_v, one / FP8_MAX, one * FP8_MAX, 1.0 / s_v])
-    out = cudnn_fp8_sdpa(q8.contiguous(), k8.contiguous(), v8.contiguous(), scales)
-    return (out.float() * s_v).to(v.dtype)
+    return q8.contiguous(), k8.contiguous(), v8.contiguous(), scales
+
+
+def cudnn_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in v's dtype; see the module text."""
+    q8, k8, v8, scales = quantize_inputs(q, k, v)
+    out = cudnn_fp8_sdpa(q8, k8, v8, scales)
+    return (out.float() * scales[2]).to(v.dtype)  # O is in V's FP8 units
