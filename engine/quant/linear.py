@@ -33,32 +33,35 @@ DEFAULT_SKIP: tuple[str, ...] = (
 """Module-name patterns (fnmatch) kept in high precision by default."""
 
 
-def fp8_requirement(device: torch.device) -> str | None:
-    """None if FP8 linears can run on `device`, else the reason."""
+def _gpu_requirement(device: torch.device, fmt: str, min_capability: tuple[int, int],
+                     gpus: str = "", missing: str | None = None) -> str | None:
+    """What `fmt` ("FP8" / "INT8") linears need on `device`: nothing on the CPU (reference math),
+    else a CUDA GPU of `min_capability` (`gpus` names them), nothing `missing` (a torch feature
+    this torch lacks) and Triton (the per-token activation quantization is a Triton kernel)."""
     if device.type == "cpu":
-        return None  # reference math
+        return None
     cap = _cuda_capability(device)
     if cap is None:
-        return f"FP8 linears need a CUDA device (or the CPU reference path), got {device}"
-    if cap < (8, 9):
-        return f"FP8 linears need compute capability >= 8.9 (Ada/Hopper), this GPU has {cap[0]}.{cap[1]}"
-    if not hasattr(torch, "_scaled_mm"):
-        return f"FP8 linears need torch._scaled_mm (torch {torch.__version__} lacks it)"
-    reason = triton_problem()  # the per-token activation quantization is a Triton kernel
-    return f"FP8 linears need Triton: {reason}" if reason else None
+        return f"{fmt} linears need a CUDA device (or the CPU reference path), got {device}"
+    if cap < min_capability:
+        return (f"{fmt} linears need compute capability >= {min_capability[0]}.{min_capability[1]}{gpus}, "
+                f"this GPU has {cap[0]}.{cap[1]}")
+    if missing is not None:
+        return missing
+    reason = triton_problem()
+    return f"{fmt} linears need Triton: {reason}" if reason else None
+
+
+def fp8_requirement(device: torch.device) -> str | None:
+    """None if FP8 linears can run on `device`, else the reason."""
+    missing = None if hasattr(torch, "_scaled_mm") else \
+        f"FP8 linears need torch._scaled_mm (torch {torch.__version__} lacks it)"
+    return _gpu_requirement(device, "FP8", (8, 9), " (Ada/Hopper)", missing)
 
 
 def int8_requirement(device: torch.device) -> str | None:
     """None if INT8 linears can run on `device`, else the reason."""
-    if device.type == "cpu":
-        return None  # reference math
-    cap = _cuda_capability(device)
-    if cap is None:
-        return f"INT8 linears need a CUDA device (or the CPU reference path), got {device}"
-    if cap < (8, 0):
-        return f"INT8 linears need compute capability >= 8.0, this GPU has {cap[0]}.{cap[1]}"
-    reason = triton_problem()
-    return f"INT8 linears need Triton: {reason}" if reason else None
+    return _gpu_requirement(device, "INT8", (8, 0))
 
 
 # ----------------------------------------------------------------------------------------------
