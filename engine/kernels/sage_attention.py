@@ -29,12 +29,9 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 @triton.jit
-def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
-                         stride_xb, stride_xl, stride_xh,
-                         SCALE_MUL, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                         IS_FP8: tl.constexpr = False):
-    """One program per (block of tokens, batch*head): 8-bit tile (B, H, L, D) and its scale
-    (INT8: amax / 127, round half away from zero; IS_FP8: e4m3, amax / 448)."""
+def _load_token_block(X, L, H, stride_xb, stride_xl, stride_xh, BLOCK: tl.constexpr, D: tl.constexpr):
+    """This program's block of BLOCK tokens of one (batch, head) of X (B, L, H, D), as float32
+    (rows past L read 0), with its indices: (x, bh, blk, offs_l, offs_d, row mask)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -45,6 +42,17 @@ def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
     x_ptr = X + b.to(tl.int64) * stride_xb + h * stride_xh \
         + offs_l.to(tl.int64)[:, None] * stride_xl + offs_d[None, :]
     x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    return x, bh, blk, offs_l, offs_d, mask
+
+
+@triton.jit
+def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
+                         stride_xb, stride_xl, stride_xh,
+                         SCALE_MUL, HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                         IS_FP8: tl.constexpr = False):
+    """One program per (block of tokens, batch*head): 8-bit tile (B, H, L, D) and its scale
+    (INT8: amax / 127, round half away from zero; IS_FP8: e4m3, amax / 448)."""
+    x, bh, blk, offs_l, offs_d, mask = _load_token_block(X, L, H, stride_xb, stride_xl, stride_xh, BLOCK, D)
     if HAS_MEAN:
         x = x - tl.load(MEAN + bh * D + offs_d)[None, :]
         x = tl.where(mask, x, 0.0)
@@ -66,15 +74,7 @@ def _quant_blocks_kernel(X, MEAN, XQ, S, L, H,
 def _quant_v_fp8_kernel(X, VS, VT, L, H, LP, stride_xb, stride_xl, stride_xh,
                         BLOCK: tl.constexpr, D: tl.constexpr):
     """V (B, L, H, D) / scale[b, h, d] -> FP8 e4m3, stored transposed (B*H, D, LP)."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_l = blk * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    mask = offs_l[:, None] < L
-    x = tl.load(X + b.to(tl.int64) * stride_xb + h * stride_xh + offs_l.to(tl.int64)[:, None] * stride_xl
-                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x, bh, _, offs_l, offs_d, mask = _load_token_block(X, L, H, stride_xb, stride_xl, stride_xh, BLOCK, D)
     y = x / tl.load(VS + bh * D + offs_d)[None, :]
     y = tl.minimum(tl.maximum(y, -448.0), 448.0)
     tl.store(VT + bh.to(tl.int64) * D * LP + offs_d[None, :] * LP + offs_l[:, None],
