@@ -134,6 +134,19 @@ def rank_main(rank: int, world_size: int, init_file: str, cfg: int, ulysses: int
 VAE_TILE, VAE_OVERLAP = (8, 8), (4, 4)
 
 
+def randomize_norms_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random norm gammas (1 + 0.2 N) and biases (0.05 N), so a swapped norm or bias shows; the
+    other weights keep their init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def build_vae():
     """Deterministic tiny Wan VAE (z_dim 4) with non-trivial norms and biases."""
     from engine.models.wan.vae import WanVAE, WanVAEConfig
@@ -141,14 +154,7 @@ def build_vae():
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(base_dim=8, z_dim=4, latents_mean=(0.1, -0.2, 0.0, 0.3),
                               latents_std=(1.5, 0.8, 1.0, 1.2))).eval()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return vae
+    return randomize_norms_(vae, seed=3)
 
 
 def vae_latents() -> torch.Tensor:

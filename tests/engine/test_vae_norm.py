@@ -15,6 +15,7 @@ from engine.kernels.apply import FusedRMSNorm, fuse_vae_norms
 from engine.models.wan.vae import RMSNorm, WanVAE, WanVAEConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
+from parallel_ranks import randomize_norms_  # noqa: E402
 from triton_interp import run_interpreted  # noqa: E402
 
 torch.set_num_threads(1)
@@ -139,11 +140,7 @@ def tiny_vae() -> WanVAE:
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(base_dim=8, z_dim=4, latents_mean=(0.3, -0.5, 0.1, 0.8),
                               latents_std=(1.7, 0.6, 2.2, 1.1))).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    return vae
+    return randomize_norms_(vae)
 
 
 def test_swap_keeps_parameters_and_flags():

@@ -2,6 +2,8 @@
 key maps, meta-device loading, per-call caches, speed paths (bf16, channels-last) and tiling."""
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import pytest
@@ -17,6 +19,9 @@ from engine.models.wan.vae import (
     plan_tiles,
     tiled_decode,
 )
+
+sys.path.insert(0, os.path.dirname(__file__))
+from parallel_ranks import randomize_norms_  # noqa: E402  (shared with the split-decode tests)
 
 diffusers = pytest.importorskip("diffusers")
 torch.set_num_threads(1)
@@ -34,24 +39,12 @@ def tiny_config(**changes) -> WanVAEConfig:
     return WanVAEConfig(**{**fields, **changes})
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Default init for conv weights, plus random gammas/biases (so a swapped norm or bias shows)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
 @pytest.fixture(scope="module")
 def pair():
     """(diffusers reference, ours) with identical random weights."""
     torch.manual_seed(0)
     config = tiny_config()
-    ref = randomize_(diffusers.AutoencoderKLWan(**config.to_dict())).eval()
+    ref = randomize_norms_(diffusers.AutoencoderKLWan(**config.to_dict())).eval()
     ours = WanVAE(config).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
