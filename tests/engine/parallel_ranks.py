@@ -134,6 +134,16 @@ def rank_main(rank: int, world_size: int, init_file: str, cfg: int, ulysses: int
 VAE_TILE, VAE_OVERLAP = (8, 8), (4, 4)
 
 
+def dit_inputs(cfg, seed: int = 0) -> tuple:
+    """Inputs for one forward of a (tiny) Wan DiT with config `cfg`: latents (1, C, 2, 4, 4), the
+    timestep, 8 text tokens and, for an image branch, 257 image tokens."""
+    torch.manual_seed(seed)
+    x = torch.randn(1, cfg.in_channels, 2, 4, 4)
+    ctx = torch.randn(1, 8, cfg.text_dim)
+    img = torch.randn(1, 257, cfg.image_dim) if cfg.image_dim else None
+    return x, torch.tensor([500.0]), ctx, img
+
+
 def randomize_norms_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random norm gammas (1 + 0.2 N) and biases (0.05 N), so a swapped norm or bias shows; the
     other weights keep their init."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ from engine.models.wan.transformer import WanDiTConfig, WanTransformer
 from engine.offload import (BlockOffload, ModelOffload, SyncStreams, apply_offload, check_offload,
                             get_offloader, resident)
 from engine.options import EngineOptions, ParallelConfig
+
+sys.path.insert(0, os.path.dirname(__file__))
+from parallel_ranks import dit_inputs  # noqa: E402
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -304,13 +309,9 @@ def test_loader_applies_offload_from_engine_options(tiny_wan_dir, monkeypatch, m
     assert isinstance(get_offloader(model), expected)
     if quant != "none":
         assert any(isinstance(m, QuantLinear) for m in model.blocks[0].modules())
-    cfg = model.config
-    torch.manual_seed(0)
-    x = torch.randn(1, cfg.in_channels, 2, 4, 4)
-    ctx = torch.randn(1, 8, cfg.text_dim)
-    img = torch.randn(1, 257, cfg.image_dim) if cfg.image_dim else None
+    inputs = dit_inputs(model.config)
     with torch.no_grad():
-        assert same(model(x, torch.tensor([500.0]), ctx, img), plain(x, torch.tensor([500.0]), ctx, img))
+        assert same(model(*inputs), plain(*inputs))
 
 
 def test_resident_is_a_no_op_without_offloader():

@@ -2,6 +2,9 @@
 against the reference when a GPU is there."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +12,9 @@ from torch import nn
 from engine.quant import (FORMATS, FP8Linear, Int8Linear, QuantLinear, check_quantization,
                           dequantize_rows, quantize_model, quantize_rows, weight_bytes)
 from engine.quant import linear as qlinear
+
+sys.path.insert(0, os.path.dirname(__file__))
+from parallel_ranks import dit_inputs  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -213,12 +219,8 @@ def test_loader_applies_engine_options_quantization(tiny_wan_dir):
     n_blocks = len(quant.blocks)
     assert sum(isinstance(m, FP8Linear) for m in quant.modules()) >= 10 * n_blocks  # q,k,v,o x2 + ffn
     assert not isinstance(quant.proj_out, QuantLinear)
-    cfg = quant.config
-    torch.manual_seed(0)
-    x = torch.randn(1, cfg.in_channels, 2, 4, 4)
-    ctx = torch.randn(1, 8, cfg.text_dim)
-    img = torch.randn(1, 257, cfg.image_dim) if cfg.image_dim else None
+    inputs = dit_inputs(quant.config)
     with torch.no_grad():
-        ref = plain(x, torch.tensor([500.0]), ctx, img)
-        out = quant(x, torch.tensor([500.0]), ctx, img)
+        ref = plain(*inputs)
+        out = quant(*inputs)
     assert rel(out, ref) < 0.1

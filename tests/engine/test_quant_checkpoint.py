@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -15,20 +16,14 @@ from engine.quant import FP8Linear, Int8Linear, QuantLinear
 from engine.quant.checkpoint import QUANT_CONFIG_KEY, quantize_checkpoint
 from serving.cli import main as cli_main
 
+sys.path.insert(0, os.path.dirname(__file__))
+from parallel_ranks import dit_inputs  # noqa: E402
+
 torch.set_num_threads(1)
 
 
 def family():
     return get_family(resolve_checkpoint("tiny-wan").spec.family)
-
-
-def dit_inputs(model, seed: int = 0):
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    lat = torch.randn(1, cfg.in_channels, 2, 4, 6, generator=g)
-    ctx = torch.randn(1, 5, cfg.text_dim, generator=g)
-    img = torch.randn(1, 3, cfg.image_dim, generator=g) if cfg.has_image_branch else None
-    return lat, torch.tensor([500.0]), ctx, img
 
 
 def forward(model, inputs):
@@ -56,7 +51,7 @@ def test_prequantized_equals_load_time_quantization(tiny_wan_dir, quantized_dirs
     for key in sd_a:
         assert sd_a[key].dtype == sd_p[key].dtype, key
         assert torch.equal(sd_a[key], sd_p[key]), key
-    inputs = dit_inputs(pre)
+    inputs = dit_inputs(pre.config)
     assert torch.equal(forward(pre, inputs), forward(at_load, inputs))
 
 
@@ -120,7 +115,7 @@ def test_fused_attention_on_quantized_linears_equals_unfused(quantized_dirs):
 
     ckpt = resolve_checkpoint(quantized_dirs["int8"])
     model = family().load_transformer(ckpt, EngineOptions(device="cpu", quantization="int8"))
-    inputs = dit_inputs(model, seed=3)
+    inputs = dit_inputs(model.config, seed=3)
     ref = forward(model, inputs)
     assert fuse_attention(model) > 0
     fused = [m for n, m in model.named_modules() if n.endswith("to_qkv")]
