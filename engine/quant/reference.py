@@ -28,7 +28,11 @@ FORMATS: dict[str, QuantFormat] = {
 def quantize_rows(x: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization: (M, K) -> (q (M, K) fmt.dtype, scale (M, 1) float32)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / fmt.qmax).clamp_min(1e-12)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    # A tensor divisor: for a Python-number divisor torch on CUDA multiplies by its reciprocal,
+    # which can be one ulp off the CPU's quotient; tensor / tensor is the rounded quotient on both,
+    # so weights quantize to the same bits on either device (pre-quantized == load-time).
+    scale = (amax / torch.full_like(amax, fmt.qmax)).clamp_min(1e-12)
     y = (xf / scale).clamp(-fmt.qmax, fmt.qmax)
     if fmt.dtype == torch.int8:
         y = torch.sign(y) * torch.floor(y.abs() + 0.5)

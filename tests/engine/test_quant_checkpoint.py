@@ -37,9 +37,14 @@ def quantized_dirs(tiny_wan_dir, tmp_path_factory):
     return {mode: quantize_checkpoint(tiny_wan_dir, str(root / mode), mode) for mode in ("fp8", "int8")}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode,cls", [("fp8", FP8Linear), ("int8", Int8Linear)])
-def test_prequantized_equals_load_time_quantization(tiny_wan_dir, quantized_dirs, mode, cls):
-    options = EngineOptions(device="cpu", dtype="bfloat16", quantization=mode)
+def test_prequantized_equals_load_time_quantization(tiny_wan_dir, quantized_dirs, mode, cls, device):
+    """Same state dict and the same forward, bit for bit; on CUDA through the GPU kernels (fused
+    q|k|v over the quantized linears, the fused feed-forward)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    options = EngineOptions(device=device, dtype="bfloat16", quantization=mode)
     at_load = family().load_transformer(resolve_checkpoint(tiny_wan_dir), options)
     ckpt = resolve_checkpoint(quantized_dirs[mode])
     pre = get_family(ckpt.spec.family).load_transformer(ckpt, options)
@@ -51,7 +56,7 @@ def test_prequantized_equals_load_time_quantization(tiny_wan_dir, quantized_dirs
     for key in sd_a:
         assert sd_a[key].dtype == sd_p[key].dtype, key
         assert torch.equal(sd_a[key], sd_p[key]), key
-    inputs = dit_inputs(pre.config)
+    inputs = [t.to(device) if t is not None else None for t in dit_inputs(pre.config)]
     assert torch.equal(forward(pre, inputs), forward(at_load, inputs))
 
 
