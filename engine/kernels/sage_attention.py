@@ -9,7 +9,11 @@
      tokens) and P scaled by 448 into FP8, so P·V also runs on the 8-bit tensor cores.
      Variants (SageConfig): `qk_fp8`, Q and K as FP8 e4m3 per block instead of INT8 (the same
      tensor-core rate on Hopper, no int32 -> float32 conversion of S); `skip_rescale`, the
-     accumulator is rescaled only in blocks where some row's running max grew (exact).
+     accumulator is rescaled only in blocks where some row's running max grew (exact); `tma`
+     (FP8 Q/K and P·V, Hopper), the loop with its tiles loaded through TMA descriptors, the
+     softmax scale folded into one FMA and the 448 of P into exp2, optionally with Triton's
+     warp specialisation (`warp_specialize`). On the H200 at the 14B shape the TMA loop is as
+     fast as the pointer loop, not faster (docs/BENCHMARKS.md, run 4; bench/attn_sweep.py).
 
 Self-contained (only torch and triton) so tests can load it fresh with TRITON_INTERPRET=1.
 Layout in and out: (B, L, H, D), as engine.attention's backends take.
@@ -24,6 +28,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LOG2_FP8_MAX = tl.constexpr(math.log2(448.0))
 HEAD_DIMS = (16, 32, 64, 128, 256)
 """Head sizes the kernels take (a power of two: one tile row per head)."""
 
@@ -169,6 +174,61 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
 
 
+@triton.jit
+def _tma_block(acc, l_i, m_i, q, q_scale, k_desc, v_desc, KS_h, k_row0, v_row0, start_n, LK,
+               offs_n, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """One K/V block of the online softmax, tiles through TMA descriptors. P comes out of exp2
+    already scaled by 448 (the FP8 e4m3 maximum; l_i carries the same factor, so it cancels)."""
+    k = k_desc.load([k_row0 + start_n, 0])                               # (BN, D) FP8
+    scale = q_scale * tl.load(KS_h + start_n // BLOCK_N)                 # log2 units
+    s = tl.dot(q, tl.trans(k))                                           # (BM, BN) float32
+    if MASK:  # the last block: columns past LK are another head's keys (or TMA's zero fill)
+        s = tl.where((start_n + offs_n)[None, :] < LK, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    p = tl.exp2(s * scale - (m_new - LOG2_FP8_MAX)[:, None])            # <= 448
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = v_desc.load([v_row0, start_n])                                   # (D, BN) FP8, V^T
+    acc = tl.dot(p.to(tl.float8e4nv), tl.trans(v), acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sage_fwd_tma_kernel(QQ, QS, KQ, KS, VT, VS, O, LQ, LK, LP, NBH, H, stride_ob, stride_ol, stride_oh,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                         WARP_SPECIALIZE: tl.constexpr):
+    """FP8 Q/K (per block) and FP8 V^T (per channel), tiles loaded by TMA (Hopper): one program
+    per (block of BLOCK_M queries, batch*head). Q/K as 2-D (NBH*L, D) descriptors, V^T (NBH*D, LK)
+    with row stride LP (columns past LK read as zeros)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_desc = tl.make_tensor_descriptor(QQ, shape=[NBH * LQ, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(KQ, shape=[NBH * LK, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(VT, shape=[NBH * D, LK], strides=[LP, 1], block_shape=[D, BLOCK_N])
+    q = q_desc.load([bh * LQ + pid_m * BLOCK_M, 0])                     # rows past LQ: unused
+    q_scale = tl.load(QS + bh * tl.cdiv(LQ, BLOCK_M) + pid_m)
+    KS_h = KS + bh * tl.cdiv(LK, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    n_full = (LK // BLOCK_N) * BLOCK_N
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        acc, l_i, m_i = _tma_block(acc, l_i, m_i, q, q_scale, k_desc, v_desc, KS_h, bh * LK, bh * D,
+                                   start_n, LK, offs_n, BLOCK_N, False)
+    if n_full < LK:
+        acc, l_i, m_i = _tma_block(acc, l_i, m_i, q, q_scale, k_desc, v_desc, KS_h, bh * LK, bh * D,
+                                   n_full, LK, offs_n, BLOCK_N, True)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    out = acc / l_i[:, None] * tl.load(VS + bh * D + offs_d)[None, :]
+    o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh \
+        + offs_m.to(tl.int64)[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
+
+
 class SageConfig(NamedTuple):
     """Tile configuration and kernel variant of sage_attention (a plain 4-tuple also works)."""
 
@@ -180,6 +240,10 @@ class SageConfig(NamedTuple):
     """Q/K as FP8 e4m3 per block instead of INT8."""
     skip_rescale: bool = False
     """Rescale the accumulator only in blocks where a row's running max grew."""
+    tma: bool = False
+    """(FP8 P·V, FP8 Q/K) the kernel that loads its tiles through TMA descriptors (Hopper)."""
+    warp_specialize: bool = False
+    """(tma) Triton's warp specialisation of the K/V loop (producer / consumer warps)."""
 
 
 # Defaults: the fastest of the sweeps on one H200 at the Wan-14B 480p shape (40 heads x 32,760
@@ -208,6 +272,15 @@ SAGE_VARIANTS: list[SageConfig] = [
 ]
 """Hopper variants tried for FP8 P·V (FP8 Q/K, lazy rescale, larger BLOCK_N / deeper pipelines)."""
 _sage_config: dict[bool, SageConfig] = {False: SAGE_CONFIGS[0], True: SageConfig(128, 128, 4, 3, qk_fp8=True)}
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors need a scratch allocator; give Triton one (torch's caching
+    allocator) unless the caller set their own (the setting is per thread / context)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def set_sage_config(cfg: tuple, pv_fp8: bool = False) -> None:
@@ -245,6 +318,54 @@ def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vt, scale
 
 
+class SageInputs(NamedTuple):
+    """Quantized operands of one sage_attention call (steps 1-3), as the kernels take them."""
+
+    q: torch.Tensor          # (B, H, Lq, D) int8 / FP8
+    q_scale: torch.Tensor    # (B*H, ceil(Lq / BLOCK_M)) float32, softmax scale and log2 e folded in
+    k: torch.Tensor          # (B, H, Lk, D) int8 / FP8, smoothed
+    k_scale: torch.Tensor    # (B*H, ceil(Lk / BLOCK_N)) float32
+    v: torch.Tensor          # (B, Lk, H, D) 16-bit, or with FP8 P·V the FP8 V^T (B*H, D, LP)
+    v_scale: torch.Tensor    # (B*H, D) float32 (FP8 P·V; else unused)
+
+
+def sage_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SageConfig,
+                  pv_fp8: bool) -> SageInputs:
+    """Steps 1-3 of the module text for one call."""
+    dim = q.shape[-1]
+    # 1. smooth K: subtract the mean over tokens
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()         # (B, H, D)
+    # 2. per-block INT8 (or FP8) Q (softmax scale and log2 e folded into its scale) and K
+    q_q, q_s = quantize_blocks(q, cfg.block_m, scale_mul=LOG2E / math.sqrt(dim), fp8=cfg.qk_fp8)
+    k_q, k_s = quantize_blocks(k, cfg.block_n, mean=k_mean, fp8=cfg.qk_fp8)
+    # 3. (pv_fp8) V to FP8 per channel, transposed so P·V reads K-major tiles
+    v_in, v_s = quantize_v_fp8(v) if pv_fp8 else (v, q_s)
+    return SageInputs(q_q, q_s, k_q, k_s, v_in, v_s)
+
+
+def sage_kernel(x: SageInputs, out: torch.Tensor, cfg: SageConfig, pv_fp8: bool) -> torch.Tensor:
+    """Step 4, the attention kernel, into `out` (B, Lq, H, D)."""
+    bsz, heads, seq, dim = x.q.shape
+    seq_k = x.k.shape[2]
+    bm, bn = cfg.block_m, cfg.block_n
+    grid = (triton.cdiv(seq, bm), bsz * heads)
+    if cfg.tma:
+        if not (pv_fp8 and cfg.qk_fp8):
+            raise ValueError("sage_attention: the TMA kernel takes FP8 Q/K and FP8 P·V (qk_fp8, pv_fp8)")
+        _ensure_allocator()
+        _sage_fwd_tma_kernel[grid](
+            x.q, x.q_scale, x.k, x.k_scale, x.v, x.v_scale, out, seq, seq_k, x.v.shape[-1], bsz * heads, heads,
+            out.stride(0), out.stride(1), out.stride(2), BLOCK_M=bm, BLOCK_N=bn, D=dim,
+            WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
+    v_strides = (x.v.stride(0), x.v.stride(1), 0) if pv_fp8 else (x.v.stride(0), x.v.stride(1), x.v.stride(2))
+    _sage_fwd_kernel[grid](x.q, x.q_scale, x.k, x.k_scale, x.v, x.v_scale, out, seq, seq_k, heads, *v_strides,
+                           out.stride(0), out.stride(1), out.stride(2),
+                           BLOCK_M=bm, BLOCK_N=bn, D=dim, PV_FP8=pv_fp8, SKIP_RESCALE=cfg.skip_rescale,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    config: tuple | None = None, pv_fp8: bool = False) -> torch.Tensor:
     """Quantized attention, q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D) in v's dtype.
@@ -252,31 +373,11 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     No mask, not causal (the DiT's attention needs neither).
     """
     bsz, seq, heads, dim = q.shape
-    seq_k = k.shape[1]
     assert k.shape == v.shape and k.shape[0] == bsz and k.shape[2:] == q.shape[2:], \
         f"sage_attention: shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}"
     if dim not in HEAD_DIMS:
         raise ValueError(f"sage attention: head dim {dim} is not supported (allowed: {HEAD_DIMS})")
     cfg = SageConfig(*config) if config is not None else _sage_config[pv_fp8]
-    bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    # 1. smooth K: subtract the mean over tokens
-    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()         # (B, H, D)
-    # 2. per-block INT8 (or FP8) Q (softmax scale and log2 e folded into its scale) and K
-    q_q, q_s = quantize_blocks(q, bm, scale_mul=LOG2E / math.sqrt(dim), fp8=cfg.qk_fp8)
-    k_q, k_s = quantize_blocks(k, bn, mean=k_mean, fp8=cfg.qk_fp8)
-    # 3. (pv_fp8) V to FP8 per channel, transposed so P·V reads K-major tiles
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
-    if pv_fp8:
-        v_in, v_s = quantize_v_fp8(v)
-        v_strides = (v_in.stride(0), v_in.stride(1), 0)
-    else:
-        v_in, v_s = v, q_s  # (no V scales)
-        v_strides = (v.stride(0), v.stride(1), v.stride(2))
-    # 4. attention
-    grid = (triton.cdiv(seq, bm), bsz * heads)
-    _sage_fwd_kernel[grid](q_q, q_s, k_q, k_s, v_in, v_s, out, seq, seq_k, heads, *v_strides,
-                           out.stride(0), out.stride(1), out.stride(2),
-                           BLOCK_M=bm, BLOCK_N=bn, D=dim, PV_FP8=pv_fp8, SKIP_RESCALE=cfg.skip_rescale,
-                           num_warps=warps, num_stages=stages)
-    return out
+    return sage_kernel(sage_quantize(q, k, v, cfg, pv_fp8), out, cfg, pv_fp8)
