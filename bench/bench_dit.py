@@ -15,7 +15,8 @@ Sections (pick with --sections):
 Modes: "+"-joined: a precision (bf16 | fp8 | int8) then options (sage: the faster quantized
 attention backend of the kernel sweep, or sage_int8 / sage_fp8 by name; compile: torch.compile of
 the blocks; tq: keep the Triton activation-quant op under compile instead of letting Inductor fuse
-the quantization; nofuse: without the fused attention projections). Example:
+the quantization; nofuse: without the fused attention projections; noffn: without the quantized
+feed-forward's fused GELU + quantization). Example:
   python bench/bench_dit.py --sections kernels,dit --models 14b --res 480p \
       --modes bf16,bf16+compile,fp8,int8,fp8+sage --json $OUT/bench.json
 Needs diffusers importable (dev dependency; on the GPU machine carried as a wheel).
@@ -330,6 +331,14 @@ def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
             return optimize_transformer(model, options)
         finally:
             fused_attention.SWAPS = saved
+    if "noffn" in parts:  # the same without the fused GELU + quantization of the feed-forward (A/B)
+        from engine.kernels import fused_ffn
+
+        saved_fusable, fused_ffn.fusable = fused_ffn.fusable, lambda module: False
+        try:
+            return optimize_transformer(model, options)
+        finally:
+            fused_ffn.fusable = saved_fusable
     return optimize_transformer(model, options)
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels for 8-bit linears: per-token activation quantization and an INT8 GEMM.
+"""Triton kernels for 8-bit linears: per-token activation quantization (alone, or after bias +
+GELU for the feed-forward's hidden activations) and an INT8 GEMM.
 
 Self-contained (imports only torch and triton), so tests can load a fresh copy of this file with
 TRITON_INTERPRET=1 and check the kernels on the CPU.
@@ -20,13 +21,8 @@ INT8_MAX = 127.0
 
 
 @triton.jit
-def _quant_rows_kernel(X, XQ, S, K, stride_xm, stride_qm,
-                       QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per row: amax over the row, then the quantized row and its scale."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+def _store_quantized_row(x, XQ, S, row, offs, mask, stride_qm, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
+    """Quantize one float32 row held in registers (masked lanes 0) and store it with its scale."""
     amax = tl.max(tl.abs(x), axis=0)
     scale = tl.maximum(amax / QMAX, 1e-12)
     y = x / scale
@@ -41,18 +37,57 @@ def _quant_rows_kernel(X, XQ, S, K, stride_xm, stride_qm,
     tl.store(S + row, scale)
 
 
-def quant_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row quantization of a 2-D tensor: (M, K) -> (x_q (M, K), scale (M, 1) float32)."""
-    assert x.dim() == 2 and x.stride(1) == 1, "quant_rows wants a row-contiguous 2-D tensor"
+@triton.jit
+def _quant_rows_kernel(X, XQ, S, K, stride_xm, stride_qm,
+                       QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: amax over the row, then the quantized row and its scale."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    _store_quantized_row(x, XQ, S, row, offs, mask, stride_qm, QMAX, IS_INT8)
+
+
+@triton.jit
+def _gelu_quant_rows_kernel(X, BIAS, XQ, S, K, stride_xm, stride_qm, HAS_BIAS: tl.constexpr,
+                            QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: bias + GELU (tanh form) in float32, then as _quant_rows_kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
+    # 0.5 x (1 + tanh(u)) = x * sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3); 0 on masked lanes
+    x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))     # 2 sqrt(2 / pi)
+    _store_quantized_row(x, XQ, S, row, offs, mask, stride_qm, QMAX, IS_INT8)
+
+
+def _row_launch(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Outputs and launch settings of the per-row kernels for x (M, K)."""
+    assert x.dim() == 2 and x.stride(1) == 1, "per-row quantization wants a row-contiguous 2-D tensor"
     m, k = x.shape
     is_int8 = kind == "int8"
     xq = torch.empty((m, k), device=x.device, dtype=torch.int8 if is_int8 else torch.float8_e4m3fn)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _quant_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), xq.stride(0),
-                             QMAX=INT8_MAX if is_int8 else FP8_MAX, IS_INT8=is_int8,
-                             BLOCK_K=block, num_warps=warps)
+    return xq, scale, dict(QMAX=INT8_MAX if is_int8 else FP8_MAX, IS_INT8=is_int8, BLOCK_K=block, num_warps=warps)
+
+
+def quant_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row quantization of a 2-D tensor: (M, K) -> (x_q (M, K), scale (M, 1) float32)."""
+    xq, scale, meta = _row_launch(x, kind)
+    _quant_rows_kernel[(x.shape[0],)](x, xq, scale, x.shape[1], x.stride(0), xq.stride(0), **meta)
+    return xq, scale
+
+
+def gelu_quant_rows(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU (tanh form) of x (M, K) + bias (K,), computed in float32, quantized per row as
+    quant_rows does: one read of x, one write of the 8-bit rows."""
+    xq, scale, meta = _row_launch(x, kind)
+    _gelu_quant_rows_kernel[(x.shape[0],)](x, bias if bias is not None else scale, xq, scale, x.shape[1],
+                                           x.stride(0), xq.stride(0), HAS_BIAS=bias is not None, **meta)
     return xq, scale
 
 

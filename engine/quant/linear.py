@@ -217,6 +217,18 @@ class QuantLinear(nn.Module):
     def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CUDA activations (M, K) -> per-token (x_q, scale (M, 1)): plain torch under
+        torch.compile (Inductor fuses it into the producer), else the Triton kernel."""
+        if _compiling():
+            return quantize_rows(x2, self.fmt)
+        return _quant_rows_cuda(x2, self.fmt)
+
+    def matmul_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The GEMM on already quantized activations (CUDA): (M, K) 8-bit, (M, 1) -> (M, N) in
+        bf16 (plus the bias unless `bias=False`)."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.fmt.name}")
@@ -232,11 +244,13 @@ class FP8Linear(QuantLinear):
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
         if _compiling():
-            x_q, x_scale = quantize_rows(x2, self.fmt)                # fused by Inductor
-            y = torch._scaled_mm(x_q, self.weight_q.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
-                                 out_dtype=torch.bfloat16)
-            return y + self.bias.to(y.dtype) if self.bias is not None else y
+            return self.matmul_quantized(*quantize_rows(x2, self.fmt))  # quantization fused by Inductor
         return fp8_linear_cuda(x2, self.weight_q, self.weight_scale, self.bias)
+
+    def matmul_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        y = torch._scaled_mm(x_q, self.weight_q.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                             out_dtype=torch.bfloat16)
+        return y + self.bias.to(y.dtype) if bias and self.bias is not None else y
 
 
 class Int8Linear(QuantLinear):
@@ -250,6 +264,10 @@ class Int8Linear(QuantLinear):
             x_q, x_scale = quantize_rows(x2, self.fmt)                # fused by Inductor
             return int8_gemm_cuda(x_q, x_scale, self.weight_q, self.weight_scale, self.bias, x2.dtype)
         return int8_linear_cuda(x2, self.weight_q, self.weight_scale, self.bias)
+
+    def matmul_quantized(self, x_q: torch.Tensor, x_scale: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return int8_gemm_cuda(x_q, x_scale, self.weight_q, self.weight_scale, self.bias if bias else None,
+                              torch.bfloat16)
 
 
 QUANT_MODES: dict[str, type[QuantLinear]] = {"fp8": FP8Linear, "int8": Int8Linear}
