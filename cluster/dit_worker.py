@@ -241,11 +241,12 @@ class DiTWorker:
 
 def start_dit_group(worker_cls: type, world_size: int, checkpoint: "str | Checkpoint",
                     options: EngineOptions, *, gpus_per_worker: float, timeout_s: float = 600,
-                    **worker_kwargs: Any) -> WorkerGroup:
+                    wait_for_gpus: bool = False, **worker_kwargs: Any) -> WorkerGroup:
     """A started group of `world_size` DiT workers with the DiT of `checkpoint` loaded and warmed
     up on every rank. On any failure the group is shut down (no workers left behind) and the
-    error raised."""
-    group = WorkerGroup(worker_cls, world_size, gpus_per_worker=gpus_per_worker, timeout_s=timeout_s)
+    error raised. `wait_for_gpus`: see `WorkerGroup`."""
+    group = WorkerGroup(worker_cls, world_size, gpus_per_worker=gpus_per_worker, timeout_s=timeout_s,
+                        wait_for_gpus=wait_for_gpus)
     group.start(**worker_kwargs)
     try:
         group.get(group.call("load_model", checkpoint, options))

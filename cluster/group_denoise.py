@@ -60,14 +60,15 @@ class GroupDenoiseStage(Stage):
 
     @classmethod
     def start(cls, ckpt: "Checkpoint | str", options: EngineOptions,
-              timeout_s: float = 600) -> "GroupDenoiseStage":
+              timeout_s: float = 600, wait_for_gpus: bool = False) -> "GroupDenoiseStage":
         """Start the group for `options.parallel`, load the DiT of `ckpt` on it, warm it up.
         One GPU per rank on CUDA: more ranks than the cluster has GPUs is refused at once (a
-        ValueError from `WorkerGroup.start`)."""
+        ValueError from `WorkerGroup.start`), unless `wait_for_gpus` (an autoscaling cluster:
+        wait up to `timeout_s` for the nodes)."""
         ensure_ray()
         gpus = 1.0 if options.torch_device.type == "cuda" else 0.0
         group = start_dit_group(DiTWorker, options.parallel.world_size, ckpt, options,
-                                gpus_per_worker=gpus, timeout_s=timeout_s)
+                                gpus_per_worker=gpus, timeout_s=timeout_s, wait_for_gpus=wait_for_gpus)
         log.info("DiT group ready: %s", "; ".join(r.describe() for r in group.ranks))
         return cls(group, options)
 

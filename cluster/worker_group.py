@@ -5,7 +5,8 @@ The pattern is the one Ray Serve LLM uses for vLLM (notes/ray-serve.md, "Multi-G
 1. ``start()`` creates ``world_size`` actors, each with ``gpus_per_worker`` GPUs (fractional
    allowed; 0 for CPU-only groups), inside the caller's placement group when there is one
    (a Serve replica with ``placement_group_bundles``), one GPU bundle each. Outside a placement
-   group, a group that needs more GPUs than the cluster has is refused before any actor is made.
+   group, a group that needs more GPUs than the cluster has is refused before any actor is made
+   (unless ``wait_for_gpus``: on an autoscaling cluster, wait up to ``timeout_s`` for nodes).
 2. Each actor reports its node IP and GPU ids; ranks are assigned by sorting on (node IP, GPU id),
    because Ray hands out GPU ids unordered.
 3. Rank 0 opens a ``TCPStore`` on a port the OS picks (never a fixed port); every rank joins the
@@ -214,12 +215,14 @@ class WorkerGroup:
     ``timeout_s``: start-up calls and the process-group collectives time out after this.
     ``cpus_per_worker``: Ray CPUs per actor (0, as vLLM's workers: the GPU bundle's CPU stays free).
     ``max_concurrency``: threads per actor, so cancel/progress reach a rank during a long call.
+    ``wait_for_gpus``: do not refuse a group larger than the cluster's GPUs at start; wait up to
+    ``timeout_s`` for them instead (an autoscaling cluster adds nodes when asked).
     """
 
     def __init__(self, worker_cls: type, world_size: int, *, gpus_per_worker: float = 1.0,
                  backend: str | None = None, env: dict[str, str] | None = None,
                  timeout_s: float = 600, cpus_per_worker: float = 0.0,
-                 max_concurrency: int = 8) -> None:
+                 max_concurrency: int = 8, wait_for_gpus: bool = False) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if gpus_per_worker < 0:
@@ -236,6 +239,7 @@ class WorkerGroup:
         self.env = {**WORKER_ENV, **(env or {})}
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
+        self.wait_for_gpus = wait_for_gpus
 
         self.backend: str | None = None
         self.ranks: list[RankInfo] = []
@@ -257,7 +261,7 @@ class WorkerGroup:
         if self._actors:
             raise WorkerGroupError("this WorkerGroup was already started; make a new one")
         # (Asking for the placement group connects Ray, as the first `.remote()` would.)
-        if ray.util.get_current_placement_group() is None:
+        if ray.util.get_current_placement_group() is None and not self.wait_for_gpus:
             self._check_cluster_gpus()  # in a placement group, _bundle_index checks the bundles
         try:
             self._start(init_args, init_kwargs)
@@ -336,7 +340,8 @@ class WorkerGroup:
             f"the worker group needs {need:g} GPU ({self.world_size} ranks x {per_rank:g}), the Ray "
             f"cluster has {total:g}"
             + (f", room for {room} ranks of {per_rank:g} GPU (a rank's share of a GPU is never "
-               "split over two GPUs)" if need <= total else ""))
+               "split over two GPUs)" if need <= total else "")
+            + "; on an autoscaling cluster, start the group with wait_for_gpus=True to wait for nodes")
 
     def _make_actor(self, index: int) -> ray.actor.ActorHandle:
         options: dict[str, Any] = dict(

@@ -50,12 +50,15 @@ class LightX2V:
 
     @classmethod
     def from_pretrained(cls, model: str, device: str = "cuda", dtype: str = "bfloat16", *,
-                        spec_name: str | None = None, **engine_options: Any) -> "LightX2V":
+                        spec_name: str | None = None, wait_for_gpus: bool = False,
+                        **engine_options: Any) -> "LightX2V":
         """`model`: a registry name ("tiny-wan") or a local checkpoint directory (either layout).
         `spec_name`: the registry entry whose defaults a directory should use when its config
         cannot tell (e.g. "wan2.1-i2v-14b-720p": 480p and 720p I2V share one architecture).
         Extra keywords are engine options: attention=, quantization=, offload=, vae_tiling=,
-        compile=, parallel={"cfg": 2, "ulysses": 2}."""
+        compile=, parallel={"cfg": 2, "ulysses": 2}. `wait_for_gpus` (parallel > 1 on an
+        autoscaling Ray cluster): wait up to 10 minutes for the DiT group's GPUs instead of
+        refusing a group larger than the cluster's current GPUs."""
         from engine.loading import resolve_checkpoint
 
         options = build_engine_options(device, dtype, engine_options)
@@ -66,7 +69,7 @@ class LightX2V:
             # the other stages run here.
             from cluster.group_denoise import GroupDenoiseStage
 
-            denoise = GroupDenoiseStage.start(ckpt, options)
+            denoise = GroupDenoiseStage.start(ckpt, options, wait_for_gpus=wait_for_gpus)
         try:
             return cls(LocalPipeline.from_checkpoint(ckpt, options, denoise=denoise), options)
         except BaseException:

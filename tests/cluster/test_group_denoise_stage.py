@@ -103,6 +103,18 @@ def test_more_ranks_than_gpus_is_refused_at_once(ray_session):
     for workers that can never be placed."""
     options = EngineOptions(device="cuda", parallel=ParallelConfig(cfg=2, ulysses=8))
     start = time.monotonic()
-    with pytest.raises(ValueError, match=r"needs 16 GPU \(16 ranks x 1\), the Ray cluster has 8$"):
+    with pytest.raises(ValueError, match=r"needs 16 GPU \(16 ranks x 1\), the Ray cluster has 8; .*wait_for_gpus"):
         GroupDenoiseStage.start("tiny-wan", options, timeout_s=5)
     assert time.monotonic() - start < 3
+
+
+def test_wait_for_gpus_reaches_the_group(ray_session):
+    """`wait_for_gpus` (autoscaling clusters) goes through to the WorkerGroup: the same group is
+    not refused at once but waits its timeout for GPUs, then fails with what it asked for."""
+    from cluster.worker_group import WorkerGroupError
+
+    options = EngineOptions(device="cuda", parallel=ParallelConfig(cfg=2, ulysses=8))
+    start = time.monotonic()
+    with pytest.raises(WorkerGroupError, match=r"did not all start within 2 s: each needs 1 GPU"):
+        GroupDenoiseStage.start("tiny-wan", options, timeout_s=2, wait_for_gpus=True)
+    assert time.monotonic() - start >= 2

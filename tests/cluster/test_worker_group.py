@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import ray
 import torch
 import torch.distributed as dist
 
@@ -124,8 +125,9 @@ def test_cpu_group_and_argument_errors(ray_session):
 
 
 @pytest.mark.parametrize("world,gpus,message", [
-    (2, 100, r"needs 200 GPU \(2 ranks x 100\), the Ray cluster has 8$"),
-    (9, 1, r"needs 9 GPU \(9 ranks x 1\), the Ray cluster has 8$"),
+    (2, 100, r"needs 200 GPU \(2 ranks x 100\), the Ray cluster has 8; on an autoscaling cluster, "
+             r"start the group with wait_for_gpus=True to wait for nodes$"),
+    (9, 1, r"needs 9 GPU \(9 ranks x 1\), the Ray cluster has 8; on an autoscaling"),
     # 5.4 GPU in all, but a 0.6 share is never split over two GPUs: one rank per GPU
     (9, 0.6, r"needs 5.4 GPU \(9 ranks x 0.6\), the Ray cluster has 8, room for 8 ranks of 0.6 GPU"),
 ])
@@ -138,6 +140,23 @@ def test_more_gpus_than_the_cluster_has_is_refused_at_once(ray_session, world, g
         group.start()
     assert time.monotonic() - start < 3
     assert group._actors == []
+    with pytest.raises(WorkerGroupError, match="not started"):
+        group.check_health()
+
+
+def test_wait_for_gpus_waits_instead_of_refusing(ray_session):
+    """On an autoscaling cluster the GPUs may come later: with wait_for_gpus the group is not
+    refused at once; it waits its timeout for the nodes and then fails with what was asked and
+    what is free, leaving no actor behind."""
+    group = WorkerGroup(EchoWorker, 9, gpus_per_worker=1, timeout_s=2, wait_for_gpus=True)
+    start = time.monotonic()
+    with pytest.raises(WorkerGroupError, match=r"did not all start within 2 s: each needs 1 GPU"):
+        group.start()
+    assert time.monotonic() - start >= 2
+    assert len(group._actors) == 9
+    for actor in group._actors:  # killed, not left pending for the autoscaler
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.node_info.remote(), timeout=30)
     with pytest.raises(WorkerGroupError, match="not started"):
         group.check_health()
 
