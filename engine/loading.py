@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Literal, TypeVar
 import torch
 from torch import nn
 
+from engine.quant.checkpoint import QUANTIZED_SUFFIXES
 from engine.registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def cast_tensor(key: str, value: "torch.Tensor | LazyTensor", dtype: torch.dtype
     so are a pre-quantized linear's 8-bit weight and float32 scales (`engine.quant.checkpoint`)."""
     if isinstance(value, LazyTensor):
         value = value.load()
-    if not value.is_floating_point() or key.endswith((".weight_q", ".weight_scale")):
+    if not value.is_floating_point() or key.endswith(QUANTIZED_SUFFIXES):
         return value
     return value.to(torch.float32 if keeps_fp32(key, keep_in_fp32) else dtype)
 
