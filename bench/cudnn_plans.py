@@ -13,18 +13,7 @@ import traceback
 
 import torch
 
-
-def time_ms(fn, repeats: int = 3) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from bench_dit import timed  # (bench/ is on sys.path when this runs as a script)
 
 
 def sweep(kind: str, layout: str, b: int, h: int, s: int, d: int, records: list) -> None:
@@ -70,7 +59,7 @@ def sweep(kind: str, layout: str, b: int, h: int, s: int, d: int, records: list)
             rec["name"] = graph.get_plan_name_at_index(i)
             graph.build_plan_at_index(i)
             ws = torch.empty(graph.get_workspace_size_plan_at_index(i), device="cuda", dtype=torch.uint8)
-            ms = time_ms(lambda: graph.execute_plan_at_index(pack, ws, i, handle=handle))
+            ms = timed(lambda: graph.execute_plan_at_index(pack, ws, i, handle=handle), 3)
             rec.update(ms=ms, tflops=flop / ms / 1e9)
         except Exception as e:
             rec["error"] = (str(e) or traceback.format_exc())[-300:]
