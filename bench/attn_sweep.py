@@ -1,12 +1,11 @@
 """FP8 attention kernels at the Wan-14B self-attention shape (40 heads x 32,760 tokens x 128),
 one GPU, one run: cuDNN's `sdpa_fp8` (what `attention="cudnn_fp8"` calls) against our Triton
-sage kernels (the pointer-based loop and the TMA-descriptor loop; --sweep poly: with part of
-the exp2s on the FMA pipes; --sweep tma: the TMA loop's tiles, with and without Triton's warp
-specialisation), the attention kernel alone (inputs quantized beforehand) and the whole backend
-call. One JSON line per measurement.
+sage kernels (the pointer-based loop and the TMA-descriptor loop, with and without Triton's warp
+specialisation), the attention kernel alone (inputs quantized
+beforehand) and the whole backend call. One JSON line per measurement.
 
-    python3 bench/attn_sweep.py [--sweep poly|tma] [--tokens 32760] [--heads 40] [--repeats 5] \
-        [--budget-s 420] [--json $OUT/attn_sweep.json]
+    python3 bench/attn_sweep.py [--tokens 32760] [--heads 40] [--repeats 5] [--budget-s 420] \
+        [--json $OUT/attn_sweep.json]
 
 Needs a GPU; the cuDNN rows need the cuDNN frontend (`pip install nvidia-cudnn-frontend`).
 Times: CUDA events after two warm-up calls, the median of --repeats calls.
@@ -32,23 +31,12 @@ TILES = [(128, 128, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2), (256, 128, 8, 2),
 """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried for the TMA kernel."""
 
 
-def tma_variants() -> list[sa.SageConfig]:
-    """The TMA kernel per tile, plain and warp-specialised."""
-    return [sa.SageConfig(*t, qk_fp8=True, tma=True, warp_specialize=ws) for ws in (False, True) for t in TILES]
-
-
-def poly_variants() -> list[sa.SageConfig]:
-    """Both loops with a share of P's exp2s on the FMA pipes (SageConfig.poly)."""
-    out = [sa.SageConfig(128, 128, 4, 3, qk_fp8=True, poly=x) for x in (0.5, 1.0)]
-    out += [sa.SageConfig(128, 64, 4, 3, qk_fp8=True, poly=x) for x in (0.0, 0.5)]
-    out += [sa.SageConfig(128, 128, 8, 3, qk_fp8=True, tma=True, poly=x) for x in (0.0, 0.5, 1.0)]
-    out += [sa.SageConfig(128, 128, 8, 3, qk_fp8=True, tma=True, warp_specialize=True, poly=0.5)]
-    out += [sa.SageConfig(128, 128, 8, 3, qk_fp8=True, poly=x) for x in (0.0, 0.5)]
+def variants() -> list[sa.SageConfig]:
+    """The pointer kernel's default first, then the TMA kernel per tile, plain and warp-specialised."""
+    out = [sa.SageConfig(128, 128, 4, 3, qk_fp8=True)]
+    for ws in (False, True):
+        out += [sa.SageConfig(*t, qk_fp8=True, tma=True, warp_specialize=ws) for t in TILES]
     return out
-
-
-SWEEPS = {"poly": poly_variants, "tma": tma_variants}
-"""--sweep: the configurations tried after the pointer kernel's default."""
 
 
 def main() -> None:
@@ -57,7 +45,6 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=40)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop sweeping after this many seconds")
-    p.add_argument("--sweep", choices=sorted(SWEEPS), default="poly")
     p.add_argument("--json", default="")
     args = p.parse_args()
     records: list[dict] = []
@@ -93,7 +80,7 @@ def main() -> None:
         log(dict(op="cudnn sdpa_fp8", error=reason))
 
     best = None
-    for cfg in [sa.SageConfig(128, 128, 4, 3, qk_fp8=True)] + SWEEPS[args.sweep]():
+    for cfg in variants():
         if time.time() - t0 > args.budget_s:
             log(dict(op="sweep stopped", reason=f"budget {args.budget_s} s spent"))
             break

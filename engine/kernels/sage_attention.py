@@ -34,52 +34,6 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 @triton.jit
-def _exp2_fma(x):
-    """2^x on the FMA pipes instead of the special-function unit (MUFU, 1/8 of the FMA rate on
-    Hopper, the same per-element time as the FP8 tensor cores at head dim 128): round x to an
-    integer n by the 1.5 * 2^23 trick, a cubic for 2^(x - n) (a relative-error fit on [-0.5, 0.5],
-    7.5e-5 at most; P is then cast to FP8, whose steps are 6 %), n added to the exponent bits.
-    x is clamped to >= -120 (2^-120 instead of 0 for -inf; the kernels use it on full blocks)."""
-    x = tl.maximum(x, -120.0)
-    t = x + 12582912.0                       # n in t's low mantissa bits
-    f = x - (t - 12582912.0)                 # x - n, in [-0.5, 0.5]
-    p = 0.05517164617776871 * f + 0.2426111251115799
-    p = p * f + 0.6932609677314758
-    p = p * f + 0.9999280571937561
-    n = t.to(tl.int32, bitcast=True) << 23   # n * 2^23 (the constant's bits shift out)
-    return (p.to(tl.int32, bitcast=True) + n).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2(x, POLY: tl.constexpr):
-    """2^x of a (rows, cols) tile: POLY 0 all on the special-function unit, 2 all on the FMA
-    pipes, 1 the odd columns on the FMA pipes (adjacent column pairs sit in one thread in the
-    tensor-core accumulator layout, so the split and join move no data)."""
-    if POLY == 2:
-        return _exp2_fma(x)
-    elif POLY == 1:
-        even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-        return tl.reshape(tl.join(tl.exp2(even), _exp2_fma(odd)), (x.shape[0], x.shape[1]))
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _exp2_fma_kernel(X, Y, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + offs, mask=offs < N, other=0.0)
-    tl.store(Y + offs, _exp2_fma(x), mask=offs < N)
-
-
-def exp2_fma(x: torch.Tensor) -> torch.Tensor:
-    """2^x (float32, elementwise) by the kernels' FMA-pipe exp2, so tests check it on its own."""
-    x = x.float().contiguous()
-    y = torch.empty_like(x)
-    _exp2_fma_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
-    return y
-
-
-@triton.jit
 def _load_token_block(X, L, H, stride_xb, stride_xl, stride_xh, BLOCK: tl.constexpr, D: tl.constexpr):
     """This program's block of BLOCK tokens of one (batch, head) of X (B, L, H, D), as float32
     (rows past L read 0), with its indices: (x, bh, blk, offs_l, offs_d, row mask)."""
@@ -135,9 +89,9 @@ def _quant_v_fp8_kernel(X, VS, VT, L, H, LP, stride_xb, stride_xl, stride_xh,
 @triton.jit
 def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
                 offs_n, offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
-                PV_FP8: tl.constexpr, SKIP_RESCALE: tl.constexpr, POLY: tl.constexpr = 0):
+                PV_FP8: tl.constexpr, SKIP_RESCALE: tl.constexpr):
     """One K/V block of the online softmax (V: (L, D) rows of stride stride_vl, or with PV_FP8
-    the FP8 transpose (D, L) with row stride stride_vl). POLY: see _exp2."""
+    the FP8 transpose (D, L) with row stride stride_vl)."""
     cols = start_n + offs_n
     if MASK:
         k = tl.load(K + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
@@ -167,7 +121,7 @@ def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha
         acc = acc * alpha[:, None]
-    p = _exp2(s - m_new[:, None], POLY)
+    p = tl.exp2(s - m_new[:, None])
     l_i = l_i + tl.sum(p, axis=1)
     if PV_FP8:
         acc = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v), acc)
@@ -180,10 +134,9 @@ def _attn_block(acc, l_i, m_i, q, q_scale, K, KS, V, start_n, LK, stride_vl,
 def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                     PV_FP8: tl.constexpr, SKIP_RESCALE: tl.constexpr = False, POLY: tl.constexpr = 0):
+                     PV_FP8: tl.constexpr, SKIP_RESCALE: tl.constexpr = False):
     """One program per (block of BLOCK_M queries, batch*head). PV_FP8: V is the FP8 transpose
-    (B*H, D, LP) (stride_vb = D * LP, stride_vl = LP, stride_vh = 0) with scales VS (B*H, D).
-    POLY: which of P's exp2s in the full blocks run on the FMA pipes (_exp2: 0 none, 1 half, 2 all)."""
+    (B*H, D, LP) (stride_vb = D * LP, stride_vl = LP, stride_vh = 0) with scales VS (B*H, D)."""
     # 1. this program's queries (int8) and their scale
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -208,7 +161,7 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
     n_full = (LK // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, start_n, LK, stride_vl,
-                                    offs_n, offs_d, BLOCK_N, D, False, PV_FP8, SKIP_RESCALE, POLY)
+                                    offs_n, offs_d, BLOCK_N, D, False, PV_FP8, SKIP_RESCALE)
     if n_full < LK:
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, q_scale, K, KS_h, V_h, n_full, LK, stride_vl,
                                     offs_n, offs_d, BLOCK_N, D, True, PV_FP8, SKIP_RESCALE)
@@ -223,17 +176,16 @@ def _sage_fwd_kernel(QQ, QS, KQ, KS, V, VS, O, LQ, LK, H,
 
 @triton.jit
 def _tma_block(acc, l_i, m_i, q, q_scale, k_desc, v_desc, KS_h, k_row0, v_row0, start_n, LK,
-               offs_n, BLOCK_N: tl.constexpr, MASK: tl.constexpr, POLY: tl.constexpr = 0):
+               offs_n, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """One K/V block of the online softmax, tiles through TMA descriptors. P comes out of exp2
-    already scaled by 448 (the FP8 e4m3 maximum; l_i carries the same factor, so it cancels).
-    POLY: see _exp2."""
+    already scaled by 448 (the FP8 e4m3 maximum; l_i carries the same factor, so it cancels)."""
     k = k_desc.load([k_row0 + start_n, 0])                               # (BN, D) FP8
     scale = q_scale * tl.load(KS_h + start_n // BLOCK_N)                 # log2 units
     s = tl.dot(q, tl.trans(k))                                           # (BM, BN) float32
     if MASK:  # the last block: columns past LK are another head's keys (or TMA's zero fill)
         s = tl.where((start_n + offs_n)[None, :] < LK, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
-    p = _exp2(s * scale - (m_new - LOG2_FP8_MAX)[:, None], POLY)        # <= 448
+    p = tl.exp2(s * scale - (m_new - LOG2_FP8_MAX)[:, None])            # <= 448
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = v_desc.load([v_row0, start_n])                                   # (D, BN) FP8, V^T
@@ -244,10 +196,10 @@ def _tma_block(acc, l_i, m_i, q, q_scale, k_desc, v_desc, KS_h, k_row0, v_row0, 
 @triton.jit
 def _sage_fwd_tma_kernel(QQ, QS, KQ, KS, VT, VS, O, LQ, LK, LP, NBH, H, stride_ob, stride_ol, stride_oh,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                         WARP_SPECIALIZE: tl.constexpr, POLY: tl.constexpr = 0):
+                         WARP_SPECIALIZE: tl.constexpr):
     """FP8 Q/K (per block) and FP8 V^T (per channel), tiles loaded by TMA (Hopper): one program
     per (block of BLOCK_M queries, batch*head). Q/K as 2-D (NBH*L, D) descriptors, V^T (NBH*D, LK)
-    with row stride LP (columns past LK read as zeros). POLY: as in _sage_fwd_kernel."""
+    with row stride LP (columns past LK read as zeros)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -265,7 +217,7 @@ def _sage_fwd_tma_kernel(QQ, QS, KQ, KS, VT, VS, O, LQ, LK, LP, NBH, H, stride_o
     n_full = (LK // BLOCK_N) * BLOCK_N
     for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _tma_block(acc, l_i, m_i, q, q_scale, k_desc, v_desc, KS_h, bh * LK, bh * D,
-                                   start_n, LK, offs_n, BLOCK_N, False, POLY)
+                                   start_n, LK, offs_n, BLOCK_N, False)
     if n_full < LK:
         acc, l_i, m_i = _tma_block(acc, l_i, m_i, q, q_scale, k_desc, v_desc, KS_h, bh * LK, bh * D,
                                    n_full, LK, offs_n, BLOCK_N, True)
@@ -275,10 +227,6 @@ def _sage_fwd_tma_kernel(QQ, QS, KQ, KS, VT, VS, O, LQ, LK, LP, NBH, H, stride_o
     o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh \
         + offs_m.to(tl.int64)[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=offs_m[:, None] < LQ)
-
-
-POLY_MODES = {0.0: 0, 0.5: 1, 1.0: 2}
-"""SageConfig.poly -> the kernels' POLY switch."""
 
 
 class SageConfig(NamedTuple):
@@ -296,9 +244,6 @@ class SageConfig(NamedTuple):
     """(FP8 P·V, FP8 Q/K) the kernel that loads its tiles through TMA descriptors (Hopper)."""
     warp_specialize: bool = False
     """(tma) Triton's warp specialisation of the K/V loop (producer / consumer warps)."""
-    poly: float = 0.0
-    """Share of P's exp2s computed with a cubic on the FMA pipes instead of the special-function
-    unit (FlashAttention-4's trick, to balance the two): 0, 0.5 or 1 (POLY_MODES)."""
 
 
 # Defaults: the fastest of the sweeps on one H200 at the Wan-14B 480p shape (40 heads x 32,760
@@ -387,8 +332,6 @@ class SageInputs(NamedTuple):
 def sage_quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SageConfig,
                   pv_fp8: bool) -> SageInputs:
     """Steps 1-3 of the module text for one call."""
-    if cfg.poly not in POLY_MODES:
-        raise ValueError(f"sage_attention: poly={cfg.poly!r} is not supported (allowed: {sorted(POLY_MODES)})")
     dim = q.shape[-1]
     # 1. smooth K: subtract the mean over tokens
     k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()         # (B, H, D)
@@ -413,14 +356,12 @@ def sage_kernel(x: SageInputs, out: torch.Tensor, cfg: SageConfig, pv_fp8: bool)
         _sage_fwd_tma_kernel[grid](
             x.q, x.q_scale, x.k, x.k_scale, x.v, x.v_scale, out, seq, seq_k, x.v.shape[-1], bsz * heads, heads,
             out.stride(0), out.stride(1), out.stride(2), BLOCK_M=bm, BLOCK_N=bn, D=dim,
-            WARP_SPECIALIZE=cfg.warp_specialize, POLY=POLY_MODES[cfg.poly],
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
     v_strides = (x.v.stride(0), x.v.stride(1), 0) if pv_fp8 else (x.v.stride(0), x.v.stride(1), x.v.stride(2))
     _sage_fwd_kernel[grid](x.q, x.q_scale, x.k, x.k_scale, x.v, x.v_scale, out, seq, seq_k, heads, *v_strides,
                            out.stride(0), out.stride(1), out.stride(2),
                            BLOCK_M=bm, BLOCK_N=bn, D=dim, PV_FP8=pv_fp8, SKIP_RESCALE=cfg.skip_rescale,
-                           POLY=POLY_MODES[cfg.poly],
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

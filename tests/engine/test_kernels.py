@@ -26,16 +26,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 SAGE_VARIANT_FLAGS = {"qkfp8": (True, False), "skip": (False, True), "qkfp8_skip": (True, True)}
 """SageConfig (qk_fp8, skip_rescale) variants checked under the interpreter."""
-POLY = (0.5, 1.0)
-"""SageConfig.poly values checked (the share of P's exp2s on the FMA pipes)."""
-EXP2_INPUTS = torch.cat([torch.linspace(-130.0, 9.0, 20001), torch.tensor([float("-inf"), -0.5, 0.5, 0.0, 8.8])])
-
-
-def sage_attention_config(**flags) -> tuple:
-    """The interpreter tests' tiles (16, 16, 4 warps, 1 stage) with SageConfig's variant fields
-    (qk_fp8, skip_rescale, tma, warp_specialize, poly), as a plain tuple."""
-    fields = ("qk_fp8", "skip_rescale", "tma", "warp_specialize", "poly")
-    return (16, 16, 4, 1, *(flags.get(f, False if f != "poly" else 0.0) for f in fields))
 
 
 def _cases() -> dict:
@@ -63,13 +53,6 @@ def _cases() -> dict:
                 cases[f"sage_{variant}_{pv_fp8}_{lq}_{lk}"] = ("sage_attention.sage_attention", qkv, cfg)
         tma_cfg = {"config": (16, 16, 4, 1, True, False, True), "pv_fp8": True}
         cases[f"sage_tma_{lq}_{lk}"] = ("sage_attention.sage_attention", qkv, tma_cfg)
-        for share in POLY:
-            for pv_fp8 in (False, True):
-                cfg = {"config": sage_attention_config(poly=share), "pv_fp8": pv_fp8}
-                cases[f"sage_poly{share}_{pv_fp8}_{lq}_{lk}"] = ("sage_attention.sage_attention", qkv, cfg)
-            cfg = {"config": sage_attention_config(qk_fp8=True, tma=True, poly=share), "pv_fp8": True}
-            cases[f"sage_tma_poly{share}_{lq}_{lk}"] = ("sage_attention.sage_attention", qkv, cfg)
-    cases["exp2_fma"] = ("sage_attention.exp2_fma", (EXP2_INPUTS,), {})
     cases["gelu_rows_int8"] = ("quant_ops.gelu_quant_rows", (r(37, 70) * 3, r(70), "int8"), {})
     cases["gelu_rows_fp8"] = ("quant_ops.gelu_quant_rows", (r(21, 48) * 3, None, "fp8"), {})
     # RMSNorm + rotary: x (B, L, 3 * D) viewed as its first D channels (a strided q of q|k|v)
@@ -185,38 +168,6 @@ def test_sage_tma_kernel_matches_the_pointer_kernel(interp, lq, lk):
     assert rel(o, _sdpa(q, k, v)) < 0.15
 
 
-def test_exp2_fma_matches_exp2(interp):
-    """The FMA-pipe exp2: relative error under 1e-4 down to 2^-120 (the clamp), tiny for -inf."""
-    cases, out = interp
-    x, y = cases["exp2_fma"][1][0], out["exp2_fma"]
-    ref = torch.exp2(x.double().clamp_min(-120.0))
-    assert ((y.double() - ref).abs() / ref).max().item() < 1e-4
-    assert abs(y[x == float("-inf")].item() / 2.0**-120 - 1) < 1e-4
-
-
-@pytest.mark.parametrize("share", POLY)
-@pytest.mark.parametrize("lq,lk", [(50, 50), (40, 21)])
-def test_sage_poly_exp2_matches_the_plain_kernel(interp, share, lq, lk):
-    """A share of P's exp2s on the FMA pipes (in the full 16-token K blocks: three and a masked
-    tail for lk = 50, one and a tail for lk = 21) changes the output only by the cubic's 7.5e-5
-    (and, with FP8 P, the few casts it flips by one step), in both kernels."""
-    cases, out = interp
-    for pv_fp8 in (False, True):
-        (q, k, v), o = cases[f"sage_poly{share}_{pv_fp8}_{lq}_{lk}"][1], out[f"sage_poly{share}_{pv_fp8}_{lq}_{lk}"]
-        plain = out[f"sage_fp8_{lq}_{lk}" if pv_fp8 else f"sage_{lq}_{lk}"]
-        assert o.shape == q.shape and torch.isfinite(o).all()
-        assert rel(o, plain) < (1e-2 if pv_fp8 else 1e-3)
-    assert rel(out[f"sage_tma_poly{share}_{lq}_{lk}"], out[f"sage_tma_{lq}_{lk}"]) < 1e-2
-
-
-def test_sage_poly_share_refused_with_the_allowed_values():
-    from engine.kernels.sage_attention import SageConfig, sage_attention
-
-    q = torch.randn(1, 4, 2, 16)
-    with pytest.raises(ValueError, match=r"poly=0.25 is not supported \(allowed: \[0.0, 0.5, 1.0\]\)"):
-        sage_attention(q, q, q, config=SageConfig(16, 16, 4, 1, poly=0.25))
-
-
 def _gelu_tanh_quant_reference(x, bias, kind):
     h = F.gelu(x.float() + (bias.float() if bias is not None else 0.0), approximate="tanh")
     return quantize_rows(h, FORMATS[kind])
@@ -297,26 +248,6 @@ def test_sage_attention_cuda(lq, lk):
         assert rel(out.float(), ref) < 0.03, cfg
         out = sage_attention(q, k, v, config=cfg, pv_fp8=True)
         assert rel(out.float(), ref) < 0.06, cfg
-
-
-@pytest.mark.gpu
-def test_exp2_fma_and_poly_sage_cuda():
-    """On the GPU too (compiled, not interpreted): the FMA-pipe exp2 within 1e-4 of 2^x, and both
-    FP8 loops with poly in (0.5, 1) within 1 % of the same loop without it."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from engine.kernels.sage_attention import SageConfig, exp2_fma, sage_attention
-
-    x = EXP2_INPUTS.cuda()
-    ref = torch.exp2(x.double().clamp_min(-120.0))
-    assert ((exp2_fma(x).double() - ref).abs() / ref).max().item() < 1e-4
-    torch.manual_seed(8)
-    q, k, v = (torch.randn(1, 1500, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    for tiles, tma in (((128, 128, 4, 3), False), ((128, 128, 8, 3), True)):
-        plain = sage_attention(q, k, v, config=SageConfig(*tiles, qk_fp8=True, tma=tma), pv_fp8=True).float()
-        for share in POLY:
-            cfg = SageConfig(*tiles, qk_fp8=True, tma=tma, poly=share)
-            assert rel(sage_attention(q, k, v, config=cfg, pv_fp8=True).float(), plain) < 1e-2, cfg
 
 
 @pytest.mark.gpu
