@@ -4,8 +4,9 @@ real sizes (issue 2's ratio and issue 5's targets).
 Sections (pick with --sections):
   kernels  micro-benchmarks: bf16 / FP8 / INT8 linears and SDPA / sage_int8 attention at the
            Wan-14B 480p shapes (tile configurations swept, the fastest kept for later sections)
-  dit      per model and resolution: one DiT forward and one denoising step with CFG (batch 2)
-           for diffusers and each engine mode; TFLOP/s, peak GiB, DiT weight memory; accuracy of
+  dit      per model and resolution: one DiT forward and one denoising step with CFG (two
+           batch-1 forwards, as diffusers and the engine's default; --batched-cfg-modes also
+           times the engine's cfg_batch step, one batch-2 forward) for diffusers and each engine mode; TFLOP/s, peak GiB, DiT weight memory; accuracy of
            each mode against the engine's bf16 path (one forward; latents after a 4-step sample)
   vae      Wan VAE decode of 81 frames, diffusers AutoencoderKLWan vs engine WanVAE (same weights)
   t5       umT5-XXL-sized encode, 2 x 512 tokens (the engine runs transformers' UMT5EncoderModel,
@@ -15,8 +16,8 @@ Sections (pick with --sections):
 Modes: "+"-joined: a precision (bf16 | fp8 | int8) then options (sage: the faster quantized
 attention backend of the kernel sweep, or sage_int8 / sage_fp8 by name; compile: torch.compile of
 the blocks; tq: keep the Triton activation-quant op under compile instead of letting Inductor fuse
-the quantization; nofuse: without the fused attention projections; noffn: without the quantized
-feed-forward's fused GELU + quantization). Example:
+the quantization; nofuse: without the fused attention projections; noffn: without the
+feed-forward's fused GELU: + quantization in 8 bits, in the GEMM epilogue in 16 bits). Example:
   python bench/bench_dit.py --sections kernels,dit --models 14b --res 480p \
       --modes bf16,bf16+compile,fp8,int8,fp8+sage --json $OUT/bench.json
 Needs diffusers importable (dev dependency; on the GPU machine carried as a wheel).
@@ -331,14 +332,15 @@ def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
             return optimize_transformer(model, options)
         finally:
             fused_attention.SWAPS = saved
-    if "noffn" in parts:  # the same without the fused GELU + quantization of the feed-forward (A/B)
+    if "noffn" in parts:  # the same without the feed-forward's fused GELU (A/B)
         from engine.kernels import fused_ffn
 
-        saved_fusable, fused_ffn.fusable = fused_ffn.fusable, lambda module: False
+        saved = fused_ffn.fusable, fused_ffn.gelu_fusable
+        fused_ffn.fusable = fused_ffn.gelu_fusable = lambda module: False
         try:
             return optimize_transformer(model, options)
         finally:
-            fused_ffn.fusable = saved_fusable
+            fused_ffn.fusable, fused_ffn.gelu_fusable = saved
     return optimize_transformer(model, options)
 
 
@@ -457,16 +459,18 @@ def section_dit(args, name: str, res: str) -> None:
                     if "diffusers/step" in times:
                         rec["speedup_vs_diffusers"] = times["diffusers/step"] / ms
                     log(rec)
-                if not args.no_step and mode in args.seq_cfg_modes:
-                    # the step as diffusers runs it: two batch-1 forwards (not what the engine does)
-                    def seq_step():
-                        sampler = make_sampler("unipc", 50, shift=5.0)
-                        c, u = model(lat, t, ctx), model(lat, t, neg)
-                        return sampler.step(u.float() + 5.0 * (c.float() - u.float()), 0, lat.float())
+                if not args.no_step and mode in args.batched_cfg_modes:
+                    # EngineOptions.cfg_batch: both branches as one batch-2 forward
+                    batched = CFGPredictor(model, batched=True)
 
-                    ms = timed(seq_step, max(1, reps - 1))
-                    rec = dict(base, impl="engine", mode=mode, what="step_cfg_2xbatch1", ms=ms,
-                               tflops=2 * flops / ms / 1e9)
+                    def batched_step():
+                        sampler = make_sampler("unipc", 50, shift=5.0)
+                        return sampler.step(batched(lat, t, ctx, neg, 5.0), 0, lat.float())
+
+                    with Peak() as pk:
+                        ms = timed(batched_step, max(1, reps - 1))
+                    rec = dict(base, impl="engine", mode=mode, what="step_cfg_batch2", ms=ms,
+                               tflops=2 * flops / ms / 1e9, peak_gib=(pk.extra + wb) / GIB)
                     if "diffusers/step" in times:
                         rec["speedup_vs_diffusers"] = times["diffusers/step"] / ms
                     log(rec)
@@ -635,7 +639,8 @@ def main() -> None:
     p.add_argument("--profile-modes", default="", help="modes to profile one forward of (comma list)")
     p.add_argument("--kernel-ops", default="linear,attention", help="kernels section: linear and/or attention")
     p.add_argument("--sage-configs", type=int, default=0, help="sweep only the first N SAGE_CONFIGS (0: all)")
-    p.add_argument("--seq-cfg-modes", default="", help="modes whose CFG step is also timed as 2 batch-1 forwards")
+    p.add_argument("--batched-cfg-modes", default="",
+                   help="modes whose CFG step is also timed as one batch-2 forward (cfg_batch)")
     p.add_argument("--vae-cudnn-benchmark", action="store_true", help="also time decode with optimize_vae")
     p.add_argument("--no-sage-variants", dest="sage_variants", action="store_false",
                    help="skip the Hopper variants of the FP8 P·V sage kernel in the sweep")
@@ -650,7 +655,7 @@ def main() -> None:
     args.modes = [m for m in args.modes.split(",") if m]
     args.res = args.res.split(",")
     args.profile_modes = set(filter(None, args.profile_modes.split(",")))
-    args.seq_cfg_modes = set(filter(None, args.seq_cfg_modes.split(",")))
+    args.batched_cfg_modes = set(filter(None, args.batched_cfg_modes.split(",")))
     args.kernel_ops = set(args.kernel_ops.split(","))
     quick_res = args.quick_res.split(",") if args.quick_res else args.res
     args.keep_weights = bool(args.quick_models)
@@ -672,7 +677,7 @@ def main() -> None:
         steps.append(("vae", lambda: section_vae(args)))
     if "dit" in sections and args.quick_models:
         quick = argparse.Namespace(**{**vars(args), "modes": args.quick_modes.split(","), "accuracy": False,
-                                      "no_step": True, "profile_modes": set(), "seq_cfg_modes": set(),
+                                      "no_step": True, "profile_modes": set(), "batched_cfg_modes": set(),
                                       "repeats": args.quick_repeats or args.repeats})
         for entry in args.quick_models.split(","):
             name, _, only_res = entry.partition("@")  # "14b@720p": that model at that resolution only

@@ -91,7 +91,7 @@ class DiTWorker:
         transformer = get_family(ckpt.spec.family).load_transformer(ckpt, options)
         check_parallel_config(transformer, options.parallel.ulysses)   # before any collective
         mesh = init_mesh(options.parallel, options.device)
-        self.predictor = apply_parallel(transformer, mesh)
+        self.predictor = apply_parallel(transformer, mesh, options.cfg_batch)
         self.stage = DenoiseStage(transformer, options, predictor=self.predictor)
         self.options, self.spec = options, ckpt.spec
         return {"rank": ctx.rank, "device": options.device, "model": ckpt.spec.name,

@@ -1,9 +1,13 @@
 """Classifier-free guidance: the velocity predictor the denoise loop calls once per step.
 
 `CFGPredictor(transformer)(x, timestep, context, negative_context, guidance_scale, image_context)`
-returns `uncond + g * (cond - uncond)`. With both branches it runs ONE forward at batch 2
-(conditional first, unconditional second); with `negative_context=None` (guidance off) one
-forward at batch 1 returns the conditional prediction as is.
+returns `uncond + g * (cond - uncond)`. With both branches it runs two batch-1 forwards
+(conditional, then unconditional), or with `batched=True` (`EngineOptions.cfg_batch`) ONE forward
+at batch 2 (conditional first); with `negative_context=None` (guidance off) one forward at batch 1
+returns the conditional prediction as is. Two batch-1 forwards are the default: on an H200 at the
+real sizes (Wan 14B and 1.3B, 480p) they are as fast as the batch-2 forward or up to ~1 % faster,
+and the step's activations peak at half the size (docs/BENCHMARKS.md, run 6); batching pays
+where one forward leaves the GPU idle (small models, few tokens).
 
 A CFG-parallel predictor (engine/parallel) is a drop-in with the same call signature: each rank
 computes one branch and the ranks exchange their predictions.
@@ -32,8 +36,9 @@ def combine(cond: Tensor, uncond: Tensor, guidance_scale: float) -> Tensor:
 class CFGPredictor:
     """Runs the transformer on the conditional and (if given) unconditional branch."""
 
-    def __init__(self, transformer: nn.Module) -> None:
+    def __init__(self, transformer: nn.Module, batched: bool = False) -> None:
         self.transformer = transformer
+        self.batched = batched
 
     def __call__(self, x: Tensor, timestep: Tensor, context: Tensor, negative_context: Tensor | None,
                  guidance_scale: float, image_context: Tensor | None = None) -> Tensor:
@@ -46,12 +51,15 @@ class CFGPredictor:
         if negative_context is None:
             return self.transformer(x, timestep, context, image_context).float()
 
-        # 2. Both branches as one batch-2 forward: [cond, uncond].
+        # 2. Both branches: two batch-1 forwards, or one batch-2 forward [cond, uncond].
+        if not self.batched:
+            cond = self.transformer(x, timestep, context, image_context)
+            uncond = self.transformer(x, timestep, negative_context, image_context)
+            return combine(cond, uncond, guidance_scale)
         x2 = torch.cat([x, x])                                      # (2, C_in, F, H, W)
         t2 = torch.cat([timestep, timestep])                        # (2,)
         ctx2 = torch.cat([context, negative_context])               # (2, L, D)
         img2 = None if image_context is None else torch.cat([image_context, image_context])
         cond, uncond = self.transformer(x2, t2, ctx2, img2).chunk(2)  # (1, C_out, F, H, W) each
 
-        # 3. Guided velocity.
         return combine(cond, uncond, guidance_scale)

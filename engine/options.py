@@ -56,6 +56,10 @@ class EngineOptions:
     """Decode the VAE in spatial tiles to bound memory."""
     compile: bool = False
     """torch.compile the DiT blocks."""
+    cfg_batch: bool = False
+    """Run classifier-free guidance's two branches as one batch-2 DiT forward instead of two
+    batch-1 forwards (engine/guidance.py: no faster at the real sizes on an H200, and twice the
+    activation memory; it can pay for small models)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
@@ -73,7 +77,7 @@ class EngineOptions:
             raise ValueError(f"offload must be one of {', '.join(get_args(Offload))}; got {self.offload!r}")
         if not isinstance(self.attention, str) or not self.attention:
             raise ValueError(f"attention must be an attention backend name (e.g. 'sdpa'), got {self.attention!r}")
-        for name in ("vae_tiling", "compile"):
+        for name in ("vae_tiling", "compile", "cfg_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.parallel, ParallelConfig):

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Sequence, get_args
 
-from engine.options import DType, Quantization
+from engine.options import DType, Offload, Quantization
 
 
 def _size(value: str) -> tuple[int, int]:
@@ -50,7 +50,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention backend (default sdpa; cudnn_fp8 / sage_fp8 / sage_int8 need a GPU)")
     p.add_argument("--quantization", default="none", choices=list(get_args(Quantization)))
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (faster on GPU after warm-up)")
+    p.add_argument("--offload", default="none", choices=list(get_args(Offload)),
+                   help="CPU offload of the DiT: model (weights in pinned CPU memory) or block (streamed per block)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in spatial tiles (bounded memory)")
+    p.add_argument("--cfg-batch", action="store_true",
+                   help="run the two guidance branches as one batch-2 forward (default: two batch-1 forwards)")
     p.add_argument("--cfg-parallel", type=int, default=1,
                    help="CFG-parallel degree (1 or 2): 2 runs the two guidance branches on different ranks")
     p.add_argument("--ulysses-degree", type=int, default=1,
@@ -93,7 +97,8 @@ def generate_main(args: argparse.Namespace) -> int:
     try:
         model = LightX2V.from_pretrained(args.model, device=device, dtype=dtype, attention=args.attention,
                                          quantization=args.quantization, compile=args.compile,
-                                         vae_tiling=args.vae_tiling, parallel=parallel)
+                                         offload=args.offload, vae_tiling=args.vae_tiling,
+                                         cfg_batch=args.cfg_batch, parallel=parallel)
     except (ValueError, RuntimeError) as e:  # a Ulysses degree the heads do not divide, no CUDA, ...
         print(f"error: {e}", file=sys.stderr)
         return 2

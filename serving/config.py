@@ -94,6 +94,7 @@ class AppArgs(_Strict):
     offload: Literal["none", "model", "block"] = "none"
     vae_tiling: bool = False
     compile: bool = False
+    cfg_batch: bool = False
     cfg_parallel: int = Field(1, ge=1, le=2)
     ulysses_degree: int = Field(1, ge=1)
     # -- deployments --
@@ -138,7 +139,7 @@ class AppArgs(_Strict):
         """The frozen engine options every stage and DiT worker is built with."""
         return EngineOptions(device=self.device, dtype=self.dtype, attention=self.attention,
                              quantization=self.quantization, offload=self.offload,
-                             vae_tiling=self.vae_tiling, compile=self.compile,
+                             vae_tiling=self.vae_tiling, compile=self.compile, cfg_batch=self.cfg_batch,
                              parallel=ParallelConfig(cfg=self.cfg_parallel, ulysses=self.ulysses_degree))
 
 

@@ -43,7 +43,8 @@ def app_args_from(ns: argparse.Namespace) -> AppArgs:
     return AppArgs(
         model=ns.model, data_dir=os.path.abspath(ns.data_dir), device=ns.device,
         dtype=ns.dtype or default_dtype(ns.device), attention=ns.attention,
-        quantization=ns.quantization, compile=ns.compile, vae_tiling=ns.vae_tiling,
+        quantization=ns.quantization, compile=ns.compile, offload=ns.offload, vae_tiling=ns.vae_tiling,
+        cfg_batch=ns.cfg_batch,
         cfg_parallel=ns.cfg_parallel, ulysses_degree=ns.ulysses_degree,
         replica_cpus=ns.replica_cpus if ns.replica_cpus is not None else (1.0 if on_gpu else 0.0),
         ingress={"max_pending_jobs": ns.max_pending_jobs},

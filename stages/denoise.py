@@ -54,7 +54,7 @@ class DenoiseStage(Stage):
                  predictor: GuidedPredictor | None = None) -> None:
         self.transformer = transformer
         self.options = options
-        self.predictor = predictor if predictor is not None else CFGPredictor(transformer)
+        self.predictor = predictor if predictor is not None else CFGPredictor(transformer, options.cfg_batch)
 
     @classmethod
     def from_checkpoint(cls, ckpt: "Checkpoint", options: "EngineOptions") -> "DenoiseStage":

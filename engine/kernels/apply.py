@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 def optimize_transformer(model: nn.Module, options: EngineOptions) -> nn.Module:
     """On CUDA, fuse the attention projections (one q|k|v GEMM, norm + rotary in one pass);
     then quantize linears (options.quantization; on CUDA the feed-forward's GELU is then fused
-    with its hidden activations' quantization), pick the attention backend (options.attention)
+    with its hidden activations' quantization, or, unquantized in 16 bits, into the first GEMM's
+    epilogue), pick the attention backend (options.attention)
     and torch.compile the blocks (options.compile). In place; returns the model. Raises at once,
     with the reason, if a selected kernel cannot run on the model's device."""
     if options.torch_device.type == "cuda":
         log.info("fused %d attention modules", fuse_attention(model))
     quantize_model(model, options.quantization)
     if options.torch_device.type == "cuda":
-        log.info("fused %d quantized feed-forwards", fuse_ffn(model))
+        log.info("fused %d feed-forwards", fuse_ffn(model))
     set_attention_backend(model, options.attention, options.torch_device)
     if options.compile:
         compile_blocks(model)

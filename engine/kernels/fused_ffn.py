@@ -12,8 +12,13 @@ quantization from registers), as an opaque op under torch.compile:
       -> GEMM 1 without bias (bf16 out) -> bias + GELU + quantize per token (one pass)
       -> GEMM 2 on the 8-bit rows (+ bias)
 
-The submodules are the original ones (the state dict keeps its keys). Off CUDA it runs the
-original math. Numerics: as the unfused path, except that the GELU input is not rounded to bf16
+With 16-bit linears, `GeluFeedForward` puts bias + GELU into the first GEMM's epilogue
+(`torch._addmm_activation`, cuBLASLt's GELU_BIAS epilogue, tanh GELU; an extern kernel under
+torch.compile), so the 13,824-wide hidden rows are written once instead of written, read and
+written again by a separate GELU kernel.
+
+The submodules are the original ones (the state dict keeps its keys). Off CUDA both run the
+original math. Numerics: as the unfused path, except that the GELU input is not rounded to 16 bits
 after the bias (float32 throughout), which is closer to the reference.
 """
 from __future__ import annotations
@@ -41,27 +46,53 @@ def _(h, bias, kind):
     return h.new_empty(h.shape, dtype=dtype), h.new_empty((h.shape[0], 1), dtype=torch.float32)
 
 
-class QuantFeedForward(nn.Module):
-    """FeedForward (tanh GELU) whose two linears are 8-bit linears of one class; see the module text."""
+class _FusedFeedForward(nn.Module):
+    """A FeedForward's modules (keys net.0.proj, net.2) with a fused CUDA path over (M, D) rows;
+    off CUDA the original math."""
 
     def __init__(self, ff: FeedForward) -> None:
         super().__init__()
-        self.net = ff.net  # the same modules: keys net.0.proj, net.2
+        self.net = ff.net
 
     def forward(self, x: Tensor) -> Tensor:
-        proj, out = self.net[0].proj, self.net[2]
         if x.device.type != "cuda":
             return self.net(x)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        y = self.fused(x.reshape(-1, shape[-1]), self.net[0].proj, self.net[2])
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+    def fused(self, x2: Tensor, proj: nn.Module, out: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+
+class QuantFeedForward(_FusedFeedForward):
+    """FeedForward (tanh GELU) whose two linears are 8-bit linears of one class; see the module text."""
+
+    def fused(self, x2: Tensor, proj: QuantLinear, out: QuantLinear) -> Tensor:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
         h = proj.matmul_quantized(*proj.quantize_input(x2), bias=False)      # (M, hidden) bf16
         h_q, h_scale = gelu_quant_rows_cuda(h, proj.bias, out.fmt.name)       # 8-bit (M, hidden)
-        y = out.matmul_quantized(h_q, h_scale)                                # (M, D) bf16
-        return y.to(x.dtype).reshape(*shape[:-1], out.out_features)
+        return out.matmul_quantized(h_q, h_scale)                             # (M, D) bf16
+
+
+class GeluFeedForward(_FusedFeedForward):
+    """FeedForward (tanh GELU) over 16-bit nn.Linear layers with bias: bias + GELU in the first
+    GEMM's epilogue; see the module text."""
+
+    def fused(self, x2: Tensor, proj: nn.Linear, out: nn.Linear) -> Tensor:
+        return out(torch._addmm_activation(proj.bias, x2, proj.weight.t(), use_gelu=True))
+
+
+def gelu_fusable(module: nn.Module) -> bool:
+    """A FeedForward with tanh GELU whose two linears are plain 16-bit nn.Linear with bias."""
+    if type(module) is not FeedForward or module.net[0].approximate != "tanh":
+        return False
+    linears = (module.net[0].proj, module.net[2])
+    return all(type(m) is nn.Linear and m.bias is not None
+               and m.weight.dtype in (torch.bfloat16, torch.float16) for m in linears)
 
 
 def fusable(module: nn.Module) -> bool:
@@ -74,9 +105,13 @@ def fusable(module: nn.Module) -> bool:
 
 
 def fuse_ffn(model: nn.Module) -> int:
-    """Swap every fusable FeedForward of `model` for a QuantFeedForward, in place (after
-    quantization; on CUDA with Triton, else nothing). Returns the count."""
+    """Swap, in place, every fusable FeedForward of `model` for a QuantFeedForward (after
+    quantization; needs Triton) and every 16-bit one for a GeluFeedForward; on CUDA only, else
+    nothing. Returns the count."""
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cuda" or triton_problem() is not None:
+    if param is None or param.device.type != "cuda":
         return 0
-    return swap_modules(model, lambda name, m: fusable(m), QuantFeedForward)
+    n = swap_modules(model, lambda name, m: gelu_fusable(m), GeluFeedForward)
+    if triton_problem() is None:
+        n += swap_modules(model, lambda name, m: fusable(m), QuantFeedForward)
+    return n

@@ -33,20 +33,21 @@ def check_parallel_config(model: nn.Module, ulysses: int) -> None:
     check_heads(_num_heads(model), ulysses, "parallel.ulysses")
 
 
-def apply_parallel(model: nn.Module, mesh: ParallelMesh) -> GuidedPredictor:
+def apply_parallel(model: nn.Module, mesh: ParallelMesh, cfg_batch: bool = False) -> GuidedPredictor:
     """Make `model` run on `mesh` and return the guided predictor the denoise loop should call.
 
-    World size 1: the model is untouched and the plain `CFGPredictor` is returned. Otherwise the
+    World size 1: the model is untouched and the plain `CFGPredictor` is returned (`cfg_batch`:
+    `EngineOptions.cfg_batch`, both branches as one batch-2 forward where one rank runs both). Otherwise the
     model's sequence seam and self-attention cores are swapped for Ulysses versions (also when
     ulysses = 1: they are then no-ops unless guidance is off and the world splits the tokens) and
     a `CFGParallelPredictor` is returned. Raises ValueError when the heads do not divide by the
     Ulysses degree.
     """
     if mesh.is_single:
-        return CFGPredictor(model)
+        return CFGPredictor(model, cfg_batch)
     heads = _num_heads(model)
     check_heads(heads, mesh.config.ulysses, "parallel.ulysses")
     state = UlyssesState()
     apply_ulysses(model, state)
     guidance_off_group = mesh.world if heads % mesh.world_size == 0 else mesh.ulysses
-    return CFGParallelPredictor(model, mesh, state, guidance_off_group)
+    return CFGParallelPredictor(model, mesh, state, guidance_off_group, cfg_batch)

@@ -11,8 +11,8 @@ the model's heads divide by N. When they do not (e.g. 12 heads on 8 ranks), the 
 the same split redundantly (same result, no speed-up from the cfg ranks); `guidance_off_degree`
 says which happens.
 
-With cfg = 1 the single-process predictor runs as is (both branches as one batch-2 forward) inside
-the Ulysses split.
+With cfg = 1 the single-process predictor runs as is (both branches as two batch-1 forwards, or
+one batch-2 forward with `cfg_batch`) inside the Ulysses split.
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ class CFGParallelPredictor:
     """Same call signature as `CFGPredictor`; see the module docstring for who computes what."""
 
     def __init__(self, transformer: nn.Module, mesh: ParallelMesh, state: UlyssesState,
-                 guidance_off_group: SubGroup) -> None:
+                 guidance_off_group: SubGroup, cfg_batch: bool = False) -> None:
         self.transformer = transformer
         self.mesh = mesh
         self.state = state
         self.guidance_off_group = guidance_off_group
-        self._batched = CFGPredictor(transformer)
+        self._both = CFGPredictor(transformer, cfg_batch)
 
     @property
     def guidance_off_degree(self) -> int:
@@ -50,10 +50,10 @@ class CFGParallelPredictor:
             with self.state.use(self.guidance_off_group):
                 return self.transformer(x, timestep, context, image_context).float()
 
-        # 2. No cfg ranks: both branches as one batch-2 forward, tokens split over Ulysses.
+        # 2. No cfg ranks: both branches here (CFGPredictor), tokens split over Ulysses.
         if self.mesh.cfg.size == 1:
             with self.state.use(self.mesh.ulysses):
-                return self._batched(x, timestep, context, negative_context, guidance_scale, image_context)
+                return self._both(x, timestep, context, negative_context, guidance_scale, image_context)
 
         # 3. cfg rank 0: conditional branch; cfg rank 1: unconditional branch.
         branch_context = context if self.mesh.cfg.rank == 0 else negative_context

@@ -1,7 +1,8 @@
-"""The quantized feed-forward with GELU fused into the hidden activations' quantization
-(engine.kernels.fused_ffn): which modules it takes, that it keeps the state dict and falls back to
-the original math off CUDA; on a GPU, that it matches the unfused quantized feed-forward eagerly
-and under torch.compile. The kernel itself is checked against the reference math under the
+"""The feed-forwards with a fused GELU (engine.kernels.fused_ffn): the quantized one (GELU fused
+into the hidden activations' quantization) and the 16-bit one (GELU in the first GEMM's epilogue):
+which modules each takes, that they keep the state dict and fall back to the original math off
+CUDA; on a GPU, that they are as accurate as the unfused feed-forwards, eagerly and under
+torch.compile. The kernel itself is checked against the reference math under the
 Triton interpreter in test_kernels.py."""
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.kernels.fused_ffn import QuantFeedForward, fusable, fuse_ffn
+from engine.kernels.fused_ffn import GeluFeedForward, QuantFeedForward, fusable, fuse_ffn, gelu_fusable
 from engine.models.wan.transformer import FeedForward
 from engine.quant import FP8Linear, Int8Linear, quantize_model
 
@@ -55,6 +56,50 @@ def test_quant_feed_forward_keeps_the_state_dict_and_the_cpu_math(mode):
     assert fused.state_dict().keys() == model[0].state_dict().keys()
     assert all(torch.equal(before["0." + k], v) for k, v in fused.state_dict().items())
     assert torch.equal(fused(x), ref)                 # off CUDA: the original math
+
+
+def test_gelu_fusable_takes_only_16_bit_tanh_feed_forwards_with_biases():
+    ff = FeedForward(64, 200, 64, "tanh")
+    assert not gelu_fusable(ff)                                          # float32: the parity setting
+    assert gelu_fusable(ff.to(torch.bfloat16)) and gelu_fusable(ff.to(torch.float16))
+    assert not gelu_fusable(FeedForward(64, 200, 64, "none").to(torch.bfloat16))
+    assert not gelu_fusable(quantized_ffn("fp8")[0])
+    no_bias = FeedForward(64, 200, 64, "tanh").to(torch.bfloat16)
+    no_bias.net[0].proj.bias = None
+    assert not gelu_fusable(no_bias)
+
+
+def test_gelu_feed_forward_keeps_the_state_dict_and_the_cpu_math():
+    model = nn.Sequential(FeedForward(64, 200, 64, "tanh")).to(torch.bfloat16)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    ref = model(x)
+    fused = GeluFeedForward(model[0])
+    assert fused.state_dict().keys() == model[0].state_dict().keys()
+    assert torch.equal(fused(x), ref)                 # off CUDA: the original math
+    assert fuse_ffn(model) == 0 and type(model[0]) is FeedForward
+
+
+@pytest.mark.gpu
+def test_gelu_feed_forward_cuda_no_less_accurate_than_unfused():
+    """Against float32 math on the same bf16 weights: GELU in the GEMM epilogue (float32 input)
+    is as accurate as the unfused path (GELU input rounded to bf16), eagerly and compiled, and
+    fuse_ffn swaps it in on CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    model = nn.Sequential(FeedForward(512, 1536, 512, "tanh")).to("cuda", torch.bfloat16)
+    proj, out_lin = model[0].net[0].proj, model[0].net[2]
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16) * 2
+    with torch.no_grad():
+        h32 = torch.nn.functional.gelu(x.float() @ proj.weight.float().t() + proj.bias.float(), approximate="tanh")
+        ref32 = h32 @ out_lin.weight.float().t() + out_lin.bias.float()
+        unfused = model(x)
+        assert fuse_ffn(model) == 1 and type(model[0]) is GeluFeedForward
+        out = model(x)
+        compiled = torch.compile(model)(x)
+    assert out.shape == unfused.shape and out.dtype == unfused.dtype
+    err_unfused, err_fused, err_compiled = rel(unfused, ref32), rel(out, ref32), rel(compiled, ref32)
+    assert err_fused < 1.1 * err_unfused and err_compiled < 1.1 * err_unfused, (err_fused, err_compiled, err_unfused)
 
 
 @pytest.mark.gpu

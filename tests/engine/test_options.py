@@ -15,6 +15,7 @@ from engine.options import EngineOptions, ParallelConfig
     ({"offload": "disk"}, "offload"),
     ({"attention": ""}, "attention"),
     ({"compile": "yes"}, "compile"),
+    ({"cfg_batch": 1}, "cfg_batch"),
     ({"vae_tiling": 1}, "vae_tiling"),
     ({"parallel": {"cfg": 2}}, "parallel"),
 ])

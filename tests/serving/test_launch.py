@@ -23,10 +23,13 @@ def test_cpu_defaults_fit_a_small_machine(tmp_path):
 
 def test_gpu_flags():
     ns = _parse("--device", "cuda", "--cfg-parallel", "2", "--ulysses-degree", "2", "--max-pending-jobs", "9",
-                "--quantization", "fp8")
+                "--quantization", "fp8", "--cfg-batch")
     args = app_args_from(ns)
     assert args.dtype == "bfloat16" and args.world_size == 4 and args.replica_cpus == 1.0
     assert args.ingress.max_pending_jobs == 9 and args.quantization == "fp8"
+    assert args.engine_options().cfg_batch is True
+    options = app_args_from(_parse("--device", "cuda", "--offload", "block")).engine_options()
+    assert (options.offload, options.cfg_batch) == ("block", False)
 
 
 def test_bad_flag_values_name_the_field():

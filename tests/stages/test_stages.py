@@ -30,17 +30,18 @@ def resolve(**kw):
 
 # ------------------------------------------------------------------ guidance
 
-def test_cfg_is_one_batch2_forward_equal_to_two_forwards():
+@pytest.mark.parametrize("batched,calls", [(False, [1, 1]), (True, [2])])
+def test_cfg_two_batch1_forwards_or_one_batch2_forward(batched, calls):
     dit = FakeTransformer(in_channels=16, image_dim=None)
     x = torch.randn(1, 16, 2, 4, 6)
     t = torch.tensor([700.0])
     ctx, neg = torch.randn(1, TEXT_LEN, TEXT_DIM), torch.randn(1, TEXT_LEN, TEXT_DIM)
-    guided = CFGPredictor(dit)(x, t, ctx, neg, 4.0)
-    assert dit.batch_sizes == [2]
+    guided = CFGPredictor(dit, batched)(x, t, ctx, neg, 4.0)
+    assert dit.batch_sizes == calls
     cond, uncond = dit(x, t, ctx), dit(x, t, neg)
     torch.testing.assert_close(guided, uncond + 4.0 * (cond - uncond))
     dit.batch_sizes.clear()
-    off = CFGPredictor(dit)(x, t, ctx, None, 4.0)
+    off = CFGPredictor(dit, batched)(x, t, ctx, None, 4.0)
     assert dit.batch_sizes == [1]
     torch.testing.assert_close(off, cond)
 
@@ -49,9 +50,10 @@ def test_cfg_passes_image_tokens_to_both_branches():
     dit = FakeTransformer()
     x, t = torch.randn(1, 36, 2, 4, 6), torch.tensor([500.0])
     ctx, neg, img = torch.randn(1, 8, 4), torch.randn(1, 8, 4), torch.randn(1, 5, IMAGE_DIM)
-    guided = CFGPredictor(dit)(x, t, ctx, neg, 2.5, img)
     cond, uncond = dit(x, t, ctx, img), dit(x, t, neg, img)
-    torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond))
+    for batched in (False, True):
+        guided = CFGPredictor(dit, batched)(x, t, ctx, neg, 2.5, img)
+        torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond))
 
 
 # ------------------------------------------------------------------ stage contract
@@ -127,6 +129,15 @@ def test_initial_noise_is_cpu_seeded_float32():
     torch.testing.assert_close(initial_noise(resolve(latents=given)), given, atol=0, rtol=0)
 
 
+def test_denoise_cfg_batch_option_runs_one_batch2_forward_per_step():
+    dit = FakeTransformer(in_channels=16, image_dim=None)
+    req = resolve()
+    a = DenoiseStage(dit, CPU.with_(cfg_batch=True))(req, _text(req))
+    assert dit.batch_sizes == [2, 2, 2]
+    b = DenoiseStage(dit, CPU)(req, _text(req))
+    torch.testing.assert_close(a.latents, b.latents)
+
+
 def _text(req):
     return TextEncodeStage(FakeTextEncoder())(req)
 
@@ -138,7 +149,7 @@ def test_denoise_progress_and_determinism():
     seen = []
     a = stage(req, _text(req), progress=lambda i, n: seen.append((i, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
-    assert dit.batch_sizes == [2, 2, 2]  # CFG: one batch-2 forward per step
+    assert dit.batch_sizes == [1, 1] * 3  # CFG: two batch-1 forwards per step (cfg_batch=False)
     b = stage(req, _text(req))
     torch.testing.assert_close(a.latents, b.latents, atol=0, rtol=0)
     c = stage(resolve(seed=4), _text(req))
