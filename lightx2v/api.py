@@ -56,7 +56,7 @@ class LightX2V:
         `spec_name`: the registry entry whose defaults a directory should use when its config
         cannot tell (e.g. "wan2.1-i2v-14b-720p": 480p and 720p I2V share one architecture).
         Extra keywords are engine options: attention=, quantization=, offload=, vae_tiling=,
-        compile=, parallel={"cfg": 2, "ulysses": 2}. `wait_for_gpus` (parallel > 1 on an
+        compile=, cfg_batch=, parallel={"cfg": 2, "ulysses": 2}. `wait_for_gpus` (parallel > 1 on an
         autoscaling Ray cluster): wait up to 10 minutes for the DiT group's GPUs instead of
         refusing a group larger than the cluster's current GPUs."""
         from engine.loading import resolve_checkpoint
