@@ -6,8 +6,9 @@ Sections (pick with --sections):
            Wan-14B 480p shapes (tile configurations swept, the fastest kept for later sections)
   dit      per model and resolution: one DiT forward and one denoising step with CFG (two
            batch-1 forwards, as diffusers and the engine's default; --batched-cfg-modes also
-           times the engine's cfg_batch step, one batch-2 forward) for diffusers and each engine mode; TFLOP/s, peak GiB, DiT weight memory; accuracy of
-           each mode against the engine's bf16 path (one forward; latents after a 4-step sample)
+           times the engine's cfg_batch step, one batch-2 forward) for diffusers and each engine
+           mode; TFLOP/s, peak GiB, DiT weight memory; accuracy of each mode against the engine's
+           bf16 path (one forward; latents after a 4-step sample)
   vae      Wan VAE decode of 81 frames, diffusers AutoencoderKLWan vs engine WanVAE (same weights)
   t5       umT5-XXL-sized encode, 2 x 512 tokens (the engine runs transformers' UMT5EncoderModel,
            as diffusers does: one number for both)
@@ -247,7 +248,8 @@ def bench_cudnn_fp8(args, q, k, v, ref, flop: float) -> None:
 
 
 def bench_norm_rope(args, grid: tuple[int, int, int] = (21, 30, 52), heads: int = 40) -> None:
-    """q/k RMSNorm + rotary at the 14B 480p shape: the model's eager code and the fused Triton kernel (engine.kernels.fused_attention), on a strided q of q|k|v."""
+    """q/k RMSNorm + rotary at the 14B 480p shape: the model's eager code and the fused Triton
+    kernel (engine.kernels.norm_rope), on a strided q of q|k|v."""
     from engine.kernels.norm_rope import rms_norm_rope
     from engine.models.wan.transformer import apply_rope, rope_3d
 

@@ -7,8 +7,9 @@
 - `compile_blocks(model)`: torch.compile of each transformer block (EngineOptions.compile);
 - `fuse_attention(model)`: fused q|k|v (self) and k|v (cross) projections, RMSNorm + rotary in one
   Triton pass (module swap; part of `optimize_transformer` on CUDA);
-- `fused_ffn.fuse_ffn(model)`: the quantized feed-forward's GELU + per-token quantization in one
-  Triton pass (module swap; part of `optimize_transformer` on CUDA);
+- `fused_ffn.fuse_ffn(model)`: the feed-forward's GELU fused: with 8-bit linears into the hidden
+  activations' per-token quantization (one Triton pass), with 16-bit ones into the first GEMM's
+  epilogue (cuBLASLt) (module swap; part of `optimize_transformer` on CUDA);
 - `optimize_transformer(model, options)`: all of the above from EngineOptions (the loaders call it);
 - `optimize_vae(vae, options)`: channels-last, fused RMS norm + SiLU and cuDNN autotuning on CUDA.
 
