@@ -8,7 +8,7 @@ import torch
 
 DType = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["none", "fp8", "int8"]
-Offload = Literal["none", "model", "block"]
+Offload = Literal["none", "model", "block", "expert"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,8 +50,10 @@ class EngineOptions:
     offload: Offload = "none"
     """CPU offload of the DiT (engine/offload.py): "model" = weights in pinned CPU memory, copied
     to the GPU once per request; "block" = non-block weights on the GPU, blocks streamed through
-    two GPU slots with prefetch. A logged no-op on the CPU; refused with parallel world size > 1
-    and ("block") with compile=True."""
+    two GPU slots with prefetch; "expert" = a model with several experts (Wan2.2 A14B) keeps the
+    idle expert in pinned CPU memory and swaps at the phase boundary (allowed with parallel ranks).
+    A logged no-op on the CPU; "model"/"block" refused with parallel world size > 1, "block" with
+    compile=True."""
     vae_tiling: bool = False
     """Decode the VAE in spatial tiles to bound memory."""
     compile: bool = False
