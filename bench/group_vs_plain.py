@@ -89,7 +89,7 @@ def main() -> int:
     from cluster.dit_worker import DiTWorker
     from cluster.worker_group import WorkerGroup
     from engine.families import get_family
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
     from engine.options import EngineOptions
     from stages.denoise import DenoiseStage
 

@@ -106,7 +106,7 @@ def requests(n: int, base: dict) -> list[dict]:
 
 def run_local(model: str, device: str, dtype: str, reqs: list[dict]) -> dict:
     """The N requests one after another through LocalPipeline (after one warm-up request)."""
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
     from engine.options import EngineOptions
     from serving.api import build_request
     from stages.pipeline import LocalPipeline

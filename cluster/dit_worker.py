@@ -3,8 +3,9 @@
 Lifecycle (vLLM-style), each step a collective call over the group (`WorkerGroup.call`):
 
     init_device(ctx)             the group calls it in start(): rank, device, backend
-    load_model(checkpoint, opts) load the DiT on this rank's device, build the cfg x ulysses mesh,
-                                 swap in the parallel modules, build the DenoiseStage
+    load_model(checkpoint, opts) load the model's DiT(s) (every expert) on this rank's device,
+                                 build the cfg x ulysses mesh, swap in the parallel modules (each
+                                 expert on the same mesh, its own predictor), build the DenoiseStage
     warm_up()                    one guided forward at a tiny size (first-call costs, collectives)
     denoise(request, text, image_cond, job_id)
                                  all ranks run the sampler loop; rank 0 returns the Latents,
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.worker_group import WorkerContext, WorkerGroup
+from engine.offload import resident
 from engine.options import EngineOptions
 from stages.request import ResolvedRequest
 
@@ -57,7 +59,6 @@ class DiTWorker:
         self.options: EngineOptions | None = None
         self.spec = None
         self.stage = None
-        self.predictor = None
         self.vae = None
         self._run_lock = threading.Lock()        # one denoise at a time on this rank
         self._state_lock = threading.Lock()      # cancel flags and progress
@@ -73,10 +74,10 @@ class DiTWorker:
             torch.cuda.set_device(self.device)
 
     def load_model(self, checkpoint: "str | Checkpoint", options: EngineOptions) -> dict:
-        """Load the DiT from `checkpoint` (registry name, local folder or `Checkpoint`) with
+        """Load the DiT(s) from `checkpoint` (registry name, local folder or `Checkpoint`) with
         `options` on this rank's device; apply the parallel config. Returns a short summary."""
+        from engine.checkpoint import resolve_checkpoint
         from engine.families import get_family
-        from engine.loading import resolve_checkpoint
         from engine.parallel import apply_parallel, check_parallel_config, init_mesh
         from stages.denoise import DenoiseStage
 
@@ -88,14 +89,16 @@ class DiTWorker:
         options = options.with_(device=self._rank_device(options))
         ckpt = resolve_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
         start = time.perf_counter()
-        transformer = get_family(ckpt.spec.family).load_transformer(ckpt, options)
-        check_parallel_config(transformer, options.parallel.ulysses)   # before any collective
+        family = get_family(ckpt.spec.family)
+        dits = family.load_dits(ckpt, options)
+        for dit in dits.values():
+            check_parallel_config(dit, options.parallel.ulysses)   # before any collective
         mesh = init_mesh(options.parallel, options.device)
-        self.predictor = apply_parallel(transformer, mesh, options.cfg_batch)
-        self.stage = DenoiseStage(transformer, options, predictor=self.predictor)
+        predictors = {name: apply_parallel(dit, mesh, options.cfg_batch) for name, dit in dits.items()}
+        self.stage = DenoiseStage(dits, family.adapter(ckpt.spec), ckpt.spec, options, predictors=predictors)
         self.options, self.spec = options, ckpt.spec
         return {"rank": ctx.rank, "device": options.device, "model": ckpt.spec.name,
-                "load_s": round(time.perf_counter() - start, 3)}
+                "experts": sorted(dits), "load_s": round(time.perf_counter() - start, 3)}
 
     def _rank_device(self, options: EngineOptions) -> str:
         """The device this rank runs on: the group's choice, unless the options ask for CPU."""
@@ -112,20 +115,16 @@ class DiTWorker:
         return str(self.device) if wants_cuda else options.device
 
     def warm_up(self) -> float:
-        """One guided forward at a tiny size on every rank (exercises the collectives). Seconds."""
+        """One guided forward of every expert at a tiny size on every rank (exercises the
+        collectives; the inputs are the family adapter's). Seconds."""
         stage = self._require_stage()
-        config = stage.transformer.config
-        pt, ph, pw = config.patch_size
         dtype = self.options.torch_dtype
-        x = torch.zeros(1, config.in_channels, pt, 2 * ph, 2 * pw, device=self.device, dtype=dtype)
-        t = torch.full((1,), 500.0, device=self.device)
-        context = torch.zeros(1, self.spec.text_len, config.text_dim, device=self.device, dtype=dtype)
-        image = None
-        if config.image_dim is not None:
-            image = torch.zeros(1, 257, config.image_dim, device=self.device, dtype=dtype)
         start = time.perf_counter()
         with self._run_lock, torch.no_grad():
-            self.predictor(x, t, context, context, 5.0, image)
+            for name, dit in stage.dits.items():
+                x, t, context, image = stage.adapter.dummy_inputs(dit, self.spec.text_len, self.device, dtype)
+                with resident(dit):
+                    stage.predictors[name](x, t, context, context, 5.0, image)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
@@ -155,8 +154,8 @@ class DiTWorker:
 
     def load_vae(self, checkpoint: "str | Checkpoint", options: EngineOptions) -> None:
         """Load the VAE on this rank too, for `decode` split over the group's ranks."""
+        from engine.checkpoint import resolve_checkpoint
         from engine.families import get_family
-        from engine.loading import resolve_checkpoint
 
         options = options.with_(device=self._rank_device(options))
         ckpt = resolve_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
@@ -206,7 +205,7 @@ class DiTWorker:
 
     def shutdown(self) -> None:
         """Drop the model (the group destroys the process group afterwards)."""
-        self.stage = self.predictor = self.vae = None
+        self.stage = self.vae = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

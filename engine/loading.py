@@ -1,4 +1,5 @@
-"""Checkpoint loading: weights files, meta-device module building, layout and variant detection.
+"""Checkpoint loading: weights files and meta-device module building (layout and variant
+detection, and resolving a model name to a folder: engine/checkpoint.py).
 
 Two checkpoint layouts are understood:
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from engine.quant.checkpoint import QUANTIZED_SUFFIXES
-from engine.registry import ModelSpec, get_spec
+from engine.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ M = TypeVar("M", bound=nn.Module)
 DIFFUSERS_MARKER = "model_index.json"
 OFFICIAL_CONFIG = "config.json"
 OFFICIAL_WEIGHTS_STEM = "diffusion_pytorch_model"
+OFFICIAL_EXPERT_DIRS = ("high_noise_model", "low_noise_model")
+"""Sub-folders of an official two-expert release (Wan2.2 A14B), the high-noise expert first."""
 
 
 @dataclass(frozen=True)
@@ -267,63 +270,3 @@ def build_module(
             if buf.device != device:
                 sub._buffers[name] = buf.to(device)
     return module.eval().requires_grad_(False)
-
-
-# --------------------------------------------------------------------------- layout and variant
-
-
-def detect_layout(path: str) -> Layout:
-    """"diffusers" (`model_index.json`) or "official" (root `config.json` + DiT safetensors)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    if os.path.isfile(os.path.join(path, DIFFUSERS_MARKER)):
-        return "diffusers"
-    has_config = os.path.isfile(os.path.join(path, OFFICIAL_CONFIG))
-    has_weights = bool(glob.glob(os.path.join(glob.escape(path), f"{OFFICIAL_WEIGHTS_STEM}*.safetensors")))
-    if has_config and has_weights:
-        return "official"
-    present = sorted(os.listdir(path))[:20]
-    raise ValueError(
-        f"{path} is not a checkpoint folder this engine can read. Looked for: "
-        f"'{DIFFUSERS_MARKER}' (diffusers layout), or '{OFFICIAL_CONFIG}' together with "
-        f"'{OFFICIAL_WEIGHTS_STEM}*.safetensors' (official release layout). Found: {present}"
-    )
-
-
-def resolve_checkpoint(model: str, spec_name: str | None = None) -> Checkpoint:
-    """A registry name (generated models are materialised on first use) or a local folder.
-
-    For a folder the layout is detected from its files and the variant from its config, through
-    the registered model families; `spec_name` picks among variants that share an architecture
-    (e.g. "wan2.1-i2v-14b-720p" instead of the default 480p entry).
-    """
-    from engine.families import detect_spec
-    from engine.registry import list_specs
-
-    model = os.path.expanduser(model)
-    if not os.path.isdir(model):
-        try:
-            spec = get_spec(model)
-        except KeyError:
-            names = ", ".join(s.name for s in list_specs())
-            raise ValueError(
-                f"model {model!r} is neither a registered model name ({names}) nor a local directory"
-            ) from None
-        if spec_name is not None and spec_name != spec.name:
-            raise ValueError(f"spec_name={spec_name!r} conflicts with the registry name {model!r}")
-        if spec.materialize is not None:
-            path = spec.materialize()
-        elif spec.source is not None:
-            path = spec.source
-        else:
-            raise ValueError(
-                f"model {model!r} has no local weights (nothing can be downloaded here); pass the "
-                f"checkpoint directory instead, its variant is detected from its config"
-            )
-        return Checkpoint(path=os.path.abspath(path), layout=detect_layout(path), spec=spec)
-
-    path = os.path.abspath(model)
-    layout = detect_layout(path)
-    spec = detect_spec(path, layout, spec_name)
-    log.info("checkpoint %s: %s layout, variant %s", path, layout, spec.name)
-    return Checkpoint(path=path, layout=layout, spec=spec)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, final
 
 import torch
 
+from engine.denoise import Cancelled  # noqa: F401  (raised by the denoise loop; re-exported for callers)
 from stages.request import ResolvedRequest
 
 logger = logging.getLogger(__name__)
@@ -24,10 +25,6 @@ Timings = dict[str, float]
 
 class StageError(RuntimeError):
     """A stage produced something that breaks its contract (wrong type, shape, device, NaN)."""
-
-
-class Cancelled(RuntimeError):
-    """The request was cancelled (its `should_cancel()` returned True between two steps)."""
 
 
 class Stage:

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.conditioning import ImageCond
+
+__all__ = ["EncodedVideo", "ImageCond", "Latents", "TextEmbeds", "VideoFrames"]
+
 
 @dataclass
 class TextEmbeds:
@@ -22,22 +26,11 @@ class TextEmbeds:
 
 
 @dataclass
-class ImageCond:
-    """Image-to-video conditioning for one request."""
-
-    clip_tokens: torch.Tensor | None
-    """(257, 1280) CLIP ViT-H/14 penultimate hidden states (Wan2.1 I2V); None for models without."""
-    latent_cond: torch.Tensor
-    """(C_mask + C_lat, F_lat, H_lat, W_lat): frame mask channels followed by the VAE latents of
-    the image padded with zero frames, concatenated to the noisy latents on the channel axis."""
-
-
-@dataclass
 class Latents:
     """Denoised latents of one request, before the VAE."""
 
     latents: torch.Tensor
-    """(C, F_lat, H_lat, W_lat), un-normalised by nothing: the DiT's latent space."""
+    """(C, F_lat, H_lat, W_lat), normalised as the DiT sees them (the VAE un-normalises)."""
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """LocalPipeline: every stage in this process, one request at a time.
 
-The same stage objects run as separate Ray Serve deployments in serving/; here they are simply
-called in order: text encode -> image encode (I2V) -> denoise -> decode.
+The same stage objects run as separate Ray Serve deployments in serving/; here they are called
+in the order of the request's stage plan (stages/plan.py): text encode -> image encode (when an
+image is given) -> denoise -> decode.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from stages.decode import DecodeFramesStage, DecodeStage
 from stages.denoise import CancelFn, DenoiseStage, ProgressFn
 from stages.image_encode import ImageEncodeStage
 from stages.payloads import EncodedVideo, Latents, VideoFrames
+from stages.plan import plan_for
 from stages.request import GenerationRequest, ResolvedRequest
 from stages.text_encode import TextEncodeStage
 
@@ -60,7 +62,7 @@ class LocalPipeline:
 
         vae = get_family(ckpt.spec.family).load_vae(ckpt, options)
         image = None
-        if "i2v" in ckpt.spec.tasks:
+        if ckpt.spec.tasks & {"i2v", "edit"}:
             image = ImageEncodeStage.from_checkpoint(ckpt, options, vae=vae)
         return cls(
             spec=ckpt.spec,
@@ -83,13 +85,14 @@ class LocalPipeline:
         """Run one request. `progress(step, total)` after each denoising step; `should_cancel()`
         before each step and before the decode (True raises `stages.base.Cancelled`)."""
         req = self.resolve(request)
+        plan = plan_for(req)
         timings: Timings = {}
         with torch.no_grad():
             # 1. Text (and negative text when guidance is on).
             text = self.text(req, timings=timings)
-            # 2. Image conditioning (I2V).
+            # 2. Image conditioning.
             image = None
-            if req.image is not None:
+            if plan.image_encode:
                 if self.image is None:
                     raise ValueError(f"image: {self.spec.name} has no image encoder")
                 image = self.image(req, timings=timings)
@@ -97,12 +100,12 @@ class LocalPipeline:
             latents = self.denoise(req, text, image, timings=timings, progress=progress,
                                    should_cancel=should_cancel)
             # 4. Decode to the requested output (not for a request cancelled during the last step).
-            if req.output_type != "latent" and should_cancel is not None and should_cancel():
+            if plan.decode != "none" and should_cancel is not None and should_cancel():
                 raise Cancelled("request cancelled before decode")
             output: Output
-            if req.output_type == "latent":
+            if plan.decode == "none":
                 output = latents
-            elif req.output_type == "np":
+            elif plan.decode == "frames":
                 output = self.decode_frames(req, latents, timings=timings)
             else:
                 output = self.decode(req, latents, timings=timings)

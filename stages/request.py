@@ -30,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from engine.registry import ModelSpec
 
-OutputType = Literal["mp4", "np", "latent"]
+OutputType = Literal["mp4", "png", "np", "latent"]
+OUTPUT_TYPES = {"video": ("mp4", "np", "latent"), "image": ("png", "np", "latent")}
+"""Output types by the model's modality, the default first."""
 
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
@@ -44,8 +46,6 @@ MAX_FRAMES = 1025
 """Largest frame count."""
 MAX_IMAGE_PIXELS = 8192 * 8192
 """Largest input image (width * height), checked from the header before decoding."""
-LATENT_CHANNELS_DEFAULT = 16
-VAE_SPATIAL_STRIDE_DEFAULT = 8
 
 
 class RequestError(ValueError):
@@ -137,14 +137,9 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
 
 
 def latent_shape(spec: ModelSpec, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(C, F_lat, H_lat, W_lat) of the model's latents for a video of this size.
-
-    `ModelSpec` has no latent-channel count or VAE stride fields yet: every registered model
-    (Wan2.1) has 16 latent channels and a VAE spatial stride of 8, the defaults here; a spec that
-    defines `latent_channels` / `vae_spatial_stride` (e.g. Wan2.2-5B: 48, 16) overrides them."""
-    channels = getattr(spec, "latent_channels", LATENT_CHANNELS_DEFAULT)
-    stride = getattr(spec, "vae_spatial_stride", VAE_SPATIAL_STRIDE_DEFAULT)
-    return (channels, (num_frames - 1) // spec.temporal_stride + 1, height // stride, width // stride)
+    """(C, F_lat, H_lat, W_lat) of the model's latents for a video (or image: 1 frame) of this size."""
+    g = spec.latent
+    return (g.channels, (num_frames - 1) // g.temporal + 1, height // g.spatial, width // g.spatial)
 
 
 def _list_samplers() -> list[str]:
@@ -171,12 +166,16 @@ class GenerationRequest(BaseModel):
     steps: int | None = None
     guidance_scale: float | None = None
     """<= 1 turns classifier-free guidance off (no negative branch)."""
+    guidance_scale_2: float | None = None
+    """Guidance of the second (low-noise) expert of a two-expert model (Wan2.2 A14B); None = the
+    model's default (or guidance_scale). Refused for one-expert models."""
     shift: float | None = None
     sampler: str | None = None
     seed: int | None = None
     """0 .. 2**63-1; None draws a random seed (recorded in the resolved request)."""
     fps: int | None = None
-    output_type: OutputType = "mp4"
+    output_type: OutputType | None = None
+    """"mp4" (video models' default), "png" (image models' default), "np" pixels, or "latent"."""
     latents: Any = None
     """Initial noise, a tensor of the latent shape (C, F_lat, H/8, W/8) (a leading 1 is allowed)."""
 
@@ -213,11 +212,11 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {v}")
         return v
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "guidance_scale_2")
     @classmethod
-    def _guidance(cls, v: float | None) -> float | None:
+    def _guidance(cls, v: float | None, info) -> float | None:
         if v is not None and (not math.isfinite(v) or v < 0):
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1 turns guidance off), got {v}")
+            raise ValueError(f"{info.field_name} must be a finite number >= 0 (<= 1 turns guidance off), got {v}")
         return v
 
     @field_validator("shift")
@@ -273,9 +272,7 @@ class GenerationRequest(BaseModel):
     def resolve(self, spec: ModelSpec) -> "ResolvedRequest":
         """Fill defaults from the model's spec and check the model-dependent rules."""
         d = spec.defaults
-        num_frames = d.num_frames if self.num_frames is None else self.num_frames
-        height = d.height if self.height is None else self.height
-        width = d.width if self.width is None else self.width
+        video = spec.modality == "video"
 
         # 1. Prompt length.
         if len(self.prompt) > spec.max_prompt_chars:
@@ -285,9 +282,16 @@ class GenerationRequest(BaseModel):
         if len(negative) > spec.max_prompt_chars:
             raise RequestError("negative_prompt", f"must be at most {spec.max_prompt_chars} characters "
                                                   f"for {spec.name}, got {len(negative)}")
-        # 2. Frames and size against the model's strides.
+        # 2. Frames (video models only) and size against the model's strides.
+        if not video:
+            for name in ("num_frames", "fps"):
+                if getattr(self, name) is not None:
+                    raise RequestError(name, f"is not accepted: {spec.name} makes images (leave {name} unset)")
+        num_frames = (d.num_frames if self.num_frames is None else self.num_frames) if video else 1
+        height = d.height if self.height is None else self.height
+        width = d.width if self.width is None else self.width
         ts = spec.temporal_stride
-        if (num_frames - 1) % ts != 0:
+        if video and (num_frames - 1) % ts != 0:
             lo = (num_frames - 1) // ts * ts + 1
             raise RequestError("num_frames", f"must be {ts}*k+1 (e.g. {lo} or {lo + ts}) for {spec.name}, "
                                              f"got {num_frames}")
@@ -297,22 +301,49 @@ class GenerationRequest(BaseModel):
                 raise RequestError(name, f"must be a multiple of {ss} in {ss}..{MAX_SIDE} for {spec.name}, "
                                          f"got {value}")
         # 3. Task: image required / refused.
-        if self.image is None and "t2v" not in spec.tasks:
-            raise RequestError("image", f"is required: {spec.name} is an image-to-video model")
-        if self.image is not None and "i2v" not in spec.tasks:
-            raise RequestError("image", f"is not accepted: {spec.name} is a text-to-video model "
-                                        "(leave image unset)")
+        image_task, text_task = ("i2v", "t2v") if video else ("edit", "t2i")
+        if self.image is None and text_task not in spec.tasks:
+            raise RequestError("image", f"is required: {spec.name} needs an input image "
+                                        f"(tasks: {', '.join(sorted(spec.tasks))})")
+        if self.image is not None and image_task not in spec.tasks:
+            raise RequestError("image", f"is not accepted: {spec.name} takes no input image "
+                                        f"(tasks: {', '.join(sorted(spec.tasks))}; leave image unset)")
         # 4. Initial noise shape.
         shape = latent_shape(spec, num_frames, height, width)
         if self.latents is not None and tuple(self.latents.shape) != shape:
             raise RequestError("latents", f"must have shape {shape} (C, F_lat, H_lat, W_lat) for "
                                           f"{num_frames} frames at {height}x{width}, got "
                                           f"{tuple(self.latents.shape)}")
-        # 5. Sampler default must exist too.
+        # 5. Sampler and schedule: the default must exist too; fixed timesteps fix the step count.
         sampler = d.sampler if self.sampler is None else self.sampler
         if self.sampler is None and sampler not in _list_samplers():
             raise RequestError("sampler", f"default {sampler!r} of {spec.name} is not registered; "
                                           f"choose one of {', '.join(_list_samplers())}")
+        steps = d.steps if self.steps is None else self.steps
+        if d.timesteps is not None and steps != len(d.timesteps):
+            raise RequestError("steps", f"must be {len(d.timesteps)} for {spec.name} (a step-distilled "
+                                        f"model sampled at timesteps {list(d.timesteps)}), got {steps}")
+        # 6. Guidance: off for guidance-distilled models; a second scale only for two experts.
+        guidance = d.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        if spec.guidance == "none" and guidance > 1.0:
+            raise RequestError("guidance_scale", f"must be <= 1 for {spec.name} (guidance-distilled: it "
+                                                 f"runs without classifier-free guidance), got {guidance}")
+        if self.guidance_scale_2 is not None and len(spec.experts) < 2:
+            raise RequestError("guidance_scale_2", f"is not accepted: {spec.name} has one DiT (it applies "
+                                                   "to the low-noise expert of two-expert models)")
+        guidance_2 = None
+        if len(spec.experts) > 1:
+            guidance_2 = self.guidance_scale_2
+            if guidance_2 is None:  # the entry's default when guidance_scale was left to it too
+                guidance_2 = d.guidance_scale_2 if self.guidance_scale is None else guidance
+            if guidance_2 is None:
+                guidance_2 = guidance
+        # 7. Output type by modality.
+        allowed = OUTPUT_TYPES[spec.modality]
+        output_type = allowed[0] if self.output_type is None else self.output_type
+        if output_type not in allowed:
+            raise RequestError("output_type", f"must be one of {', '.join(allowed)} for {spec.name} "
+                                              f"({spec.modality} model), got {output_type!r}")
 
         return ResolvedRequest(
             model=spec.name,
@@ -322,15 +353,18 @@ class GenerationRequest(BaseModel):
             num_frames=num_frames,
             height=height,
             width=width,
-            steps=d.steps if self.steps is None else self.steps,
-            guidance_scale=d.guidance_scale if self.guidance_scale is None else self.guidance_scale,
+            steps=steps,
+            guidance_scale=guidance,
+            guidance_scale_2=guidance_2,
             shift=d.shift if self.shift is None else self.shift,
             sampler=sampler,
+            timesteps=d.timesteps,
             seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
-            fps=d.fps if self.fps is None else self.fps,
-            output_type=self.output_type,
+            fps=(d.fps if self.fps is None else self.fps) if video else 0,
+            output_type=output_type,
             latents=self.latents,
             latent_shape=shape,
+            modality=spec.modality,
         )
 
 
@@ -345,24 +379,35 @@ class ResolvedRequest(BaseModel):
     negative_prompt: str
     image: Image.Image | None
     num_frames: int
+    """1 for image models."""
     height: int
     width: int
     steps: int
     guidance_scale: float
+    guidance_scale_2: float | None = None
+    """The second expert's scale (two-expert models), else None."""
     shift: float
     sampler: str
+    timesteps: tuple[float, ...] | None = None
+    """Fixed training timesteps (step-distilled models), else None."""
     seed: int
     fps: int
+    """0 for image models."""
     output_type: OutputType
     latents: torch.Tensor | None
     latent_shape: tuple[int, int, int, int]
     """(C, F_lat, H_lat, W_lat) of the initial noise and the result."""
+    modality: Literal["video", "image"] = "video"
 
     @property
     def do_cfg(self) -> bool:
-        """Classifier-free guidance runs (with the negative branch) only when guidance > 1."""
+        """Classifier-free guidance runs (with the negative branch) only when guidance > 1 (as
+        diffusers decides it: from the first expert's scale)."""
         return self.guidance_scale > 1.0
 
     @property
-    def task(self) -> Literal["t2v", "i2v"]:
+    def task(self) -> str:
+        """"t2v" / "i2v" for video models, "t2i" / "edit" for image models."""
+        if self.modality == "image":
+            return "edit" if self.image is not None else "t2i"
         return "i2v" if self.image is not None else "t2v"

@@ -117,7 +117,8 @@ def quantize_checkpoint(src: str, out: str, mode: str) -> str:
     to `mode` (quantized on the CPU, as at load time); the other components are hard-linked (or
     copied where links cannot be made). Returns `out`."""
     from engine.families import get_family
-    from engine.loading import read_json, resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
+    from engine.loading import read_json
     from engine.options import EngineOptions
 
     if mode not in QUANT_MODES:

@@ -137,7 +137,7 @@ def test_split_vae_decode_on_group(cfg_group, tiny_wan_dir):
     exchange, equal to the plain single-process decode. "tiles": different tiles per rank, blended
     on rank 0, equal to the single-process tiled decode with the same tiles."""
     from engine.families import get_family
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
     from engine.models.wan.vae import tiled_decode
     from stages.payloads import Latents
 

@@ -44,7 +44,7 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("cfg,ulysses", [(1, 1), (2, 1), (1, 2), (2, 2), (2, 4)])
 def test_nccl_group_equals_single_gpu(real_gpu_ray, checkpoint, cfg, ulysses):
     from engine.families import get_family
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
     from stages.denoise import DenoiseStage
 
     world = cfg * ulysses

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.families import get_family
-from engine.loading import read_pth, resolve_checkpoint
+from engine.checkpoint import resolve_checkpoint
+from engine.loading import read_pth
 from engine.models.wan import keymap_clip, keymap_t5, tiny
 from engine.models.wan.text_encoder import prompt_clean
 from engine.options import EngineOptions

@@ -162,11 +162,11 @@ def test_at_most_two_blocks_resident():
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_block_offload_composes_with_quantization_and_fused_attention(mode):
-    from engine.kernels import fuse_attention
+    from engine.kernels import fuse_modules
     from engine.quant import QuantLinear, quantize_model
 
     model = tiny_model(3)
-    fuse_attention(model)
+    fuse_modules(model)  # the Wan fusions (q|k|v in one linear)
     quantize_model(model, mode)
     ref_model = copy.deepcopy(model)
     off = BlockOffload(model, compute=CPU, storage=CPU, streams=SyncStreams())
@@ -200,7 +200,7 @@ def test_block_offload_refuses_models_without_identical_blocks():
     model.blocks[1].ffn.net[2] = torch.nn.Linear(32, 16, bias=False)
     with pytest.raises(ValueError, match="block 1 holds different tensor shapes"):
         BlockOffload(model, compute=CPU, storage=CPU)
-    with pytest.raises(ValueError, match="no non-empty `blocks`"):
+    with pytest.raises(ValueError, match="offload='block' needs the model's repeated blocks.*does not declare `repeated_blocks`"):
         BlockOffload(torch.nn.Linear(2, 2), compute=CPU, storage=CPU)
 
 
@@ -281,7 +281,7 @@ def test_offload_on_cpu_device_is_a_logged_no_op(mode, caplog):
 
 def test_loader_refuses_impossible_combinations(tiny_wan_dir):
     from engine.families import get_family
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(tiny_wan_dir))
     family = get_family(ckpt.spec.family)
@@ -297,7 +297,7 @@ def test_loader_applies_offload_from_engine_options(tiny_wan_dir, monkeypatch, m
     the offloader from EngineOptions, after quantization; outputs equal the plain load's."""
     import engine.offload as offload
     from engine.families import get_family
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
     from engine.quant import QuantLinear
 
     ckpt = resolve_checkpoint(str(tiny_wan_dir))

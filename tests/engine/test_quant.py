@@ -81,6 +81,8 @@ class _Block(nn.Module):
 
 
 class _Tiny(nn.Module):
+    quant_skip = ("condition_embedder*", "proj_out", "*norm*")  # the engine.dit seam
+
     def __init__(self, d: int = 32):
         super().__init__()
         self.condition_embedder = nn.Module()
@@ -120,7 +122,20 @@ def test_quantize_model_custom_skip_and_none():
     quantize_model(model, "int8", skip=("blocks.0.*",))
     assert type(model.blocks[0].attn.to_q) is nn.Linear
     assert isinstance(model.blocks[1].attn.to_q, Int8Linear)
-    assert isinstance(model.proj_out, Int8Linear)                # default skip replaced
+    assert isinstance(model.proj_out, Int8Linear)                # declared skip replaced
+
+
+def test_quantize_model_needs_a_declared_or_given_skip():
+    with pytest.raises(TypeError, match="Sequential does not declare `quant_skip`"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), "int8")
+    model = quantize_model(nn.Sequential(nn.Linear(4, 4)), "int8", skip=())
+    assert isinstance(model[0], Int8Linear)
+
+
+def test_wan_transformer_declares_the_skipped_linears():
+    from engine.models.wan.transformer import WanTransformer
+
+    assert {"condition_embedder*", "proj_out", "*norm*", "*scale_shift_table*"} <= set(WanTransformer.quant_skip)
 
 
 def test_quantize_model_frees_each_original_as_it_goes(monkeypatch):
@@ -208,7 +223,7 @@ def test_cuda_kernels_match_reference(cls, bias):
 def test_loader_applies_engine_options_quantization(tiny_wan_dir):
     """EngineOptions.quantization reaches the DiT through the family loader (tiny-wan, CPU)."""
     from engine.families import get_family
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
     from engine.options import EngineOptions
 
     ckpt = resolve_checkpoint(str(tiny_wan_dir))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.families import get_family
-from engine.loading import resolve_checkpoint
+from engine.checkpoint import resolve_checkpoint
 from engine.options import EngineOptions
 from engine.quant import FP8Linear, Int8Linear, QuantLinear
 from engine.quant.checkpoint import QUANT_CONFIG_KEY, quantize_checkpoint
@@ -116,13 +116,13 @@ def test_cli_quantize_then_generate(tiny_wan_dir, tmp_path, capsys):
 def test_fused_attention_on_quantized_linears_equals_unfused(quantized_dirs):
     """On CUDA the loader fuses q|k|v after loading; for pre-quantized linears the fused one stacks
     the per-channel weights and scales (no requantization): same outputs as the separate ones."""
-    from engine.kernels import fuse_attention
+    from engine.kernels import fuse_modules
 
     ckpt = resolve_checkpoint(quantized_dirs["int8"])
     model = family().load_transformer(ckpt, EngineOptions(device="cpu", quantization="int8"))
     inputs = dit_inputs(model.config, seed=3)
     ref = forward(model, inputs)
-    assert fuse_attention(model) > 0
+    assert fuse_modules(model) > 0
     fused = [m for n, m in model.named_modules() if n.endswith("to_qkv")]
     assert fused and all(isinstance(m, Int8Linear) for m in fused)
     torch.testing.assert_close(forward(model, inputs), ref, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.loading import resolve_checkpoint
+from engine.checkpoint import resolve_checkpoint
 from engine.options import EngineOptions
 from stages.pipeline import LocalPipeline
 from stages.request import GenerationRequest

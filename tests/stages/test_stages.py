@@ -262,7 +262,7 @@ def test_decode_honours_vae_tiling(tiny_wan_dir, monkeypatch):
     """The loader sets the VAE up to decode in tiles for options.vae_tiling (one tile here: equal)."""
     import engine.models.wan.vae as wan_vae
     from engine.families import get_family
-    from engine.loading import resolve_checkpoint
+    from engine.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint("tiny-wan")
     vae = get_family(ckpt.spec.family).load_vae(ckpt, CPU)

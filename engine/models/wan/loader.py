@@ -1,9 +1,12 @@
-"""The Wan2.1 family: variant detection and component loaders for both checkpoint layouts.
+"""Component loaders of the Wan family (Wan2.1, Wan2.2) for both checkpoint layouts.
 
     diffusers layout                               official release layout
     model_index.json                               config.json (+ diffusion_pytorch_model*.safetensors)
     transformer/config.json + *.safetensors        -> keymap_dit.official_to_diffusers
-    vae/config.json + *.safetensors                Wan2.1_VAE.pth -> keymap_vae.official_to_diffusers
+    transformer_2/ (Wan2.2 A14B low-noise expert)  high_noise_model/, low_noise_model/ (A14B: each a
+                                                   config.json + safetensors; no root DiT)
+    vae/config.json + *.safetensors                Wan2.1_VAE.pth -> keymap_vae.official_to_diffusers,
+                                                   Wan2.2_VAE.pth (TI2V-5B) -> keymap_vae (nested keys)
     text_encoder/ (UMT5) + tokenizer/              models_t5_umt5-xxl-enc-bf16.pth -> keymap_t5, google/umt5-xxl/
     image_encoder/ (CLIP vision) + image_processor/  models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth
                                                    -> keymap_clip (+ the same CLIP preprocessing)
@@ -25,15 +28,14 @@ from engine.loading import (
 )
 from engine.models.wan import keymap_clip, keymap_dit, keymap_t5
 from engine.models.wan.image_encoder import WanImageEncoder, clip_image_processor_cls
-from engine.models.wan.specs import FAMILY, I2V_DEFAULTS, SPECS, T2V_DEFAULTS, WanArch
 from engine.models.wan.text_encoder import WanTextEncoder
 from engine.options import EngineOptions
-from engine.registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
 
 # official release file names
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
+OFFICIAL_VAE22 = "Wan2.2_VAE.pth"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_T5_TOKENIZER = os.path.join("google", "umt5-xxl")
 OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -54,12 +56,13 @@ def safetensors_shapes(directory: str, stem: str = OFFICIAL_WEIGHTS_STEM) -> dic
 
 
 def read_dit_config(path: str, layout: Layout):
-    """The DiT's `WanDiTConfig`: diffusers `transformer/config.json`, or the official root
-    `config.json` completed from the weights' shapes (text/image/frequency widths, CLIP branch)."""
+    """The `WanDiTConfig` of the DiT in folder `path` (diffusers: a `transformer*/` folder; official:
+    the root or an expert folder): the diffusers `config.json`, or the official `config.json`
+    completed from the weights' shapes (text/image/frequency widths, CLIP branch)."""
     from engine.models.wan.transformer import WanDiTConfig
 
     if layout == "diffusers":
-        return WanDiTConfig.from_dict(read_json(os.path.join(path, "transformer", "config.json")))
+        return WanDiTConfig.from_dict(read_json(os.path.join(path, "config.json")))
     raw_shapes = safetensors_shapes(path)
     has_image = keymap_dit.has_image_embedder(raw_shapes)  # what the weights show, not model_type
     shapes = keymap_dit.official_to_diffusers(raw_shapes)
@@ -121,149 +124,109 @@ def _fill_tied_t5(state_dict: Weights) -> Weights:
     return state_dict
 
 
-# --------------------------------------------------------------------------- the family
+# --------------------------------------------------------------------------- components
 
 
-class WanFamily:
-    """Wan2.1 T2V / I2V (and the tiny test model)."""
+def load_dit(path: str, layout: Layout, options: EngineOptions) -> torch.nn.Module:
+    """`WanTransformer` from the DiT folder `path`, in eval mode on the options' device and dtype
+    (norms etc. float32), with the options' quantization, attention backend, compile and offload
+    applied (with offload on CUDA the weights are built and optimised in CPU memory, then
+    engine.offload places them)."""
+    from engine.attention import check_head_dim, get_backend
+    from engine.kernels import optimize_transformer  # (also registers the kernels' attention backends)
+    from engine.models.wan.transformer import WanTransformer
+    from engine.offload import apply_offload, check_offload, storage_device
+    from engine.quant import check_quantization
+    from engine.quant.checkpoint import check_requested, quantized_names, quantized_skeleton, stored_quantization
 
-    name = FAMILY
+    # refuse impossible options before any weight is read (the compute device, not storage)
+    check_offload(options)
+    check_quantization(options.quantization, options.torch_device)
+    config = read_dit_config(path, layout)  # (headers only)
+    check_head_dim(get_backend(options.attention, options.torch_device), config.attention_head_dim)
+    factory = lambda: WanTransformer(config)  # noqa: E731
+    if layout == "diffusers":
+        state_dict = lazy_safetensors(path)
+        stored = stored_quantization(read_json(os.path.join(path, "config.json")))
+        if stored is not None:  # pre-quantized: 8-bit linears built on meta, no 16-bit weights
+            check_requested(stored, options.quantization, path)
+            factory = quantized_skeleton(factory, stored, quantized_names(state_dict))
+    else:
+        state_dict = keymap_dit.official_to_diffusers(lazy_safetensors(path))
+    # some diffusers exports carry an unused `norm_added_q` (diffusers ignores it too)
+    for key in [k for k in state_dict if ".norm_added_q." in k]:
+        del state_dict[key]
+    model = build_module(
+        factory, state_dict, dtype=options.torch_dtype,
+        device=storage_device(options), keep_in_fp32=WanTransformer.keep_in_fp32,
+    )
+    return apply_offload(optimize_transformer(model, options), options)
 
-    # -- variant detection ----------------------------------------------------------------------
 
-    def recognises(self, path: str, layout: Layout) -> bool:
-        """Whether the folder's DiT config is a Wan DiT."""
-        if layout == "diffusers":
-            config = os.path.join(path, "transformer", "config.json")
-            return os.path.isfile(config) and read_json(config).get("_class_name") == DIFFUSERS_TRANSFORMER_CLASS
-        d = read_json(os.path.join(path, "config.json"))
-        return d.get("_class_name") == OFFICIAL_TRANSFORMER_CLASS or {"dim", "num_heads", "in_dim"} <= d.keys()
+def load_vae(ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
+    """`WanVAE` (the Wan2.1 VAE, or the Wan2.2 VAE of TI2V-5B) in eval mode on the options' device
+    and dtype (channels-last on CUDA), decoding in tiles when `options.vae_tiling`."""
+    from engine.kernels import optimize_vae
+    from engine.models.wan import keymap_vae
+    from engine.models.wan.vae import DEFAULT_TILING, WanVAE, WanVAEConfig
 
-    def detect_spec(self, path: str, layout: Layout, spec_name: str | None = None) -> ModelSpec | None:
-        """The registered variant whose architecture the folder's DiT config matches; the first
-        such entry unless `spec_name` picks another; a derived spec when none matches."""
-        if not self.recognises(path, layout):
-            return None
-        arch = WanArch.of(read_dit_config(path, layout))
-        matching = [spec for spec, spec_arch in SPECS if spec_arch == arch]
-        if spec_name is not None:
-            wanted = get_spec(spec_name)
-            if wanted not in matching:
-                raise ValueError(
-                    f"spec_name={spec_name!r} does not fit the checkpoint in {path} ({arch}); "
-                    f"entries that fit: {[s.name for s in matching] or 'none'}"
-                )
-            return wanted
-        if matching:
-            return matching[0]
-        tasks = arch.tasks
-        derived = ModelSpec(
-            name=f"{FAMILY}-{'-'.join(sorted(tasks))}-custom", family=FAMILY, tasks=tasks,
-            defaults=I2V_DEFAULTS if "i2v" in tasks else T2V_DEFAULTS,
-            description=f"derived from the config in {path}",
-        )
-        log.warning("checkpoint %s matches no registered Wan variant (%s); using a spec derived from "
-                    "the family defaults: %s", path, arch, derived.name)
-        return derived
+    if ckpt.layout == "diffusers":
+        config = WanVAEConfig.from_dict(read_json(ckpt.file("vae", "config.json")))
+        state_dict = lazy_safetensors(ckpt.file("vae"))
+    elif os.path.isfile(ckpt.file(OFFICIAL_VAE22)):
+        state_dict = keymap_vae.official_vae22_to_diffusers(read_pth(ckpt.file(OFFICIAL_VAE22)))
+        config = keymap_vae.infer_vae22_config(state_dict)
+    else:
+        state_dict = keymap_vae.official_to_diffusers(read_pth(ckpt.file(OFFICIAL_VAE)))
+        config = infer_vae_config(state_dict)
+    if config.z_dim != ckpt.spec.latent.channels:
+        raise ValueError(f"{ckpt.path}: the VAE has {config.z_dim} latent channels, {ckpt.spec.name} "
+                         f"expects {ckpt.spec.latent.channels}")
+    vae = build_module(lambda: WanVAE(config), state_dict, dtype=options.torch_dtype,
+                       device=options.torch_device)
+    vae.tiling = DEFAULT_TILING if options.vae_tiling else None
+    return optimize_vae(vae, options)  # CUDA: channels-last, fused norms, cuDNN autotuning
 
-    # -- components -----------------------------------------------------------------------------
 
-    def load_transformer(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
-        """`WanTransformer` in eval mode on the options' device and dtype (norms etc. float32),
-        with the options' quantization, attention backend, compile and offload applied (with
-        offload on CUDA the weights are built and optimised in CPU memory, then engine.offload
-        places them)."""
-        from engine.attention import check_head_dim, get_backend
-        from engine.kernels import optimize_transformer  # (also registers the kernels' attention backends)
-        from engine.models.wan.transformer import WanTransformer
-        from engine.offload import apply_offload, check_offload, storage_device
-        from engine.quant import check_quantization
-        from engine.quant.checkpoint import check_requested, quantized_names, quantized_skeleton, stored_quantization
+def load_text_encoder(ckpt: Checkpoint, options: EngineOptions) -> WanTextEncoder:
+    """umT5 encoder + tokenizer. float16 is run as bfloat16 (umT5 overflows in float16)."""
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-        # refuse impossible options before any weight is read (the compute device, not storage)
-        check_offload(options)
-        check_quantization(options.quantization, options.torch_device)
-        config = read_dit_config(ckpt.path, ckpt.layout)  # (headers only)
-        check_head_dim(get_backend(options.attention, options.torch_device), config.attention_head_dim)
-        factory = lambda: WanTransformer(config)  # noqa: E731
-        if ckpt.layout == "diffusers":
-            state_dict = lazy_safetensors(ckpt.file("transformer"))
-            stored = stored_quantization(read_json(ckpt.file("transformer", "config.json")))
-            if stored is not None:  # pre-quantized: 8-bit linears built on meta, no 16-bit weights
-                check_requested(stored, options.quantization, ckpt.path)
-                factory = quantized_skeleton(factory, stored, quantized_names(state_dict))
-        else:
-            state_dict = keymap_dit.official_to_diffusers(lazy_safetensors(ckpt.path))
-        # some diffusers exports carry an unused `norm_added_q` (diffusers ignores it too)
-        for key in [k for k in state_dict if ".norm_added_q." in k]:
-            del state_dict[key]
-        model = build_module(
-            factory, state_dict, dtype=options.torch_dtype,
-            device=storage_device(options), keep_in_fp32=WanTransformer.keep_in_fp32,
-        )
-        return apply_offload(optimize_transformer(model, options), options)
+    if ckpt.layout == "diffusers":
+        config = UMT5Config.from_pretrained(ckpt.file("text_encoder"))
+        state_dict = lazy_safetensors(ckpt.file("text_encoder"), stem="model")
+        tokenizer_dir = ckpt.file("tokenizer")
+    else:
+        official = read_pth(ckpt.file(OFFICIAL_T5))
+        config = UMT5Config(**keymap_t5.infer_umt5_config(official))
+        state_dict = keymap_t5.official_to_hf(official)
+        tokenizer_dir = ckpt.file(OFFICIAL_T5_TOKENIZER)
+    dtype = torch.bfloat16 if options.torch_dtype == torch.float16 else options.torch_dtype
+    model = build_module(lambda: UMT5EncoderModel(config), _fill_tied_t5(state_dict),
+                         dtype=dtype, device=options.torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return WanTextEncoder(model, tokenizer, text_len=ckpt.spec.text_len)
 
-    def load_vae(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
-        """`WanVAE` in eval mode on the options' device and dtype (channels-last on CUDA), decoding
-        in tiles when `options.vae_tiling`."""
-        from engine.models.wan.vae import WanVAE, WanVAEConfig
 
-        if ckpt.layout == "diffusers":
-            config = WanVAEConfig.from_dict(read_json(ckpt.file("vae", "config.json")))
-            state_dict = lazy_safetensors(ckpt.file("vae"))
-        else:
-            from engine.models.wan import keymap_vae
+def load_clip(ckpt: Checkpoint, options: EngineOptions) -> WanImageEncoder:
+    """CLIP ViT-H/14 vision tower + preprocessing (Wan2.1 I2V)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-            state_dict = keymap_vae.official_to_diffusers(read_pth(ckpt.file(OFFICIAL_VAE)))
-            config = infer_vae_config(state_dict)
-        from engine.kernels import optimize_vae
-        from engine.models.wan.vae import DEFAULT_TILING
-
-        vae = build_module(lambda: WanVAE(config), state_dict, dtype=options.torch_dtype,
-                           device=options.torch_device)
-        vae.tiling = DEFAULT_TILING if options.vae_tiling else None
-        return optimize_vae(vae, options)  # CUDA: channels-last, fused norms, cuDNN autotuning
-
-    def load_text_encoder(self, ckpt: Checkpoint, options: EngineOptions) -> WanTextEncoder:
-        """umT5 encoder + tokenizer. float16 is run as bfloat16 (umT5 overflows in float16)."""
-        from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
-
-        if ckpt.layout == "diffusers":
-            config = UMT5Config.from_pretrained(ckpt.file("text_encoder"))
-            state_dict = lazy_safetensors(ckpt.file("text_encoder"), stem="model")
-            tokenizer_dir = ckpt.file("tokenizer")
-        else:
-            official = read_pth(ckpt.file(OFFICIAL_T5))
-            config = UMT5Config(**keymap_t5.infer_umt5_config(official))
-            state_dict = keymap_t5.official_to_hf(official)
-            tokenizer_dir = ckpt.file(OFFICIAL_T5_TOKENIZER)
-        dtype = torch.bfloat16 if options.torch_dtype == torch.float16 else options.torch_dtype
-        model = build_module(lambda: UMT5EncoderModel(config), _fill_tied_t5(state_dict),
-                             dtype=dtype, device=options.torch_device)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        return WanTextEncoder(model, tokenizer, text_len=ckpt.spec.text_len)
-
-    def load_image_encoder(self, ckpt: Checkpoint, options: EngineOptions) -> WanImageEncoder:
-        """CLIP ViT-H/14 vision tower + preprocessing (I2V models only)."""
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        if "i2v" not in ckpt.spec.tasks:
-            raise ValueError(f"model {ckpt.spec.name!r} has no image encoder (tasks: {sorted(ckpt.spec.tasks)})")
-        processor_cls = clip_image_processor_cls()
-        if ckpt.layout == "diffusers":
-            config = CLIPVisionConfig.from_pretrained(ckpt.file("image_encoder"))
-            state_dict = lazy_safetensors(ckpt.file("image_encoder"), stem="model")
-            processor = processor_cls.from_pretrained(ckpt.file("image_processor"))
-        else:
-            official = read_pth(ckpt.file(OFFICIAL_CLIP))
-            config = CLIPVisionConfig(**keymap_clip.infer_clip_vision_config(official))
-            state_dict = keymap_clip.official_to_hf(official)
-            processor = make_clip_processor(config.image_size)
-        for key in [k for k in state_dict if k.endswith("embeddings.position_ids")]:
-            del state_dict[key]  # a buffer that older files carry; rebuilt in __init__
-        model = build_module(lambda: CLIPVisionModel(config), state_dict, dtype=options.torch_dtype,
-                             device=options.torch_device, fit_keys=match_prefix(keymap_clip.HF_PREFIX))
-        return WanImageEncoder(model, processor)
+    processor_cls = clip_image_processor_cls()
+    if ckpt.layout == "diffusers":
+        config = CLIPVisionConfig.from_pretrained(ckpt.file("image_encoder"))
+        state_dict = lazy_safetensors(ckpt.file("image_encoder"), stem="model")
+        processor = processor_cls.from_pretrained(ckpt.file("image_processor"))
+    else:
+        official = read_pth(ckpt.file(OFFICIAL_CLIP))
+        config = CLIPVisionConfig(**keymap_clip.infer_clip_vision_config(official))
+        state_dict = keymap_clip.official_to_hf(official)
+        processor = make_clip_processor(config.image_size)
+    for key in [k for k in state_dict if k.endswith("embeddings.position_ids")]:
+        del state_dict[key]  # a buffer that older files carry; rebuilt in __init__
+    model = build_module(lambda: CLIPVisionModel(config), state_dict, dtype=options.torch_dtype,
+                         device=options.torch_device, fit_keys=match_prefix(keymap_clip.HF_PREFIX))
+    return WanImageEncoder(model, processor)
 
 
 def make_clip_processor(image_size: int = 224):
@@ -275,6 +238,3 @@ def make_clip_processor(image_size: int = 224):
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
     )
-
-
-WAN21 = WanFamily()

@@ -1,11 +1,17 @@
-"""`tiny-wan`: a tiny random-weight Wan2.1 checkpoint in the diffusers layout, generated locally.
+"""The built-in tiny random-weight Wan checkpoints (diffusers layout), generated locally.
 
-Deterministic (seed 0), about 3 MB, runs on CPU in seconds (a 9x64x64 VAE decode: ~0.4 s).
-T2V and I2V capable: the DiT takes 36 input channels and CLIP tokens. Written once into
-`$LIGHTX2V_CACHE/tiny-wan-v1` (default `~/.cache/lightx2v/tiny-wan-v1`) through a temporary
-folder and an atomic rename, so concurrent processes never see a half-written checkpoint.
-A `lightx2v_tiny.json` in the folder records a fingerprint of the generator and of the module
-parameter layouts; a stale folder (the modules changed) is regenerated.
+Their outputs are noise: they are tiny instances of the real architectures, so the whole system
+runs anywhere, in seconds, on a CPU. Each is deterministic (fixed seeds), a few MB:
+
+    tiny-wan          Wan2.1: DiT with 36 input channels and CLIP tokens (T2V and I2V), 2.1 VAE
+    tiny-wan2.2-a14b  Wan2.2 A14B: two experts (transformer, transformer_2), 36 input channels and
+                      no CLIP (as the A14B I2V; T2V runs with zero conditioning), 2.1 VAE
+    tiny-wan2.2-ti2v  Wan2.2 TI2V: 48 channels, per-token timesteps, a tiny Wan2.2 VAE
+
+Written once into `$LIGHTX2V_CACHE/<name>-v1` (default `~/.cache/lightx2v/...`) through a
+temporary folder and an atomic rename, so concurrent processes never see a half-written
+checkpoint. A `lightx2v_tiny.json` in the folder records a fingerprint of the generator and of the
+module parameter layouts; a stale folder (the modules changed) is regenerated.
 """
 from __future__ import annotations
 
@@ -15,11 +21,13 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 VERSION = "tiny-wan-v1"
+"""Cache folder of tiny-wan (the others: `<name>-v1`)."""
 MARKER = "lightx2v_tiny.json"
 SEED = 0
 TEXT_LEN = 512
@@ -30,6 +38,8 @@ TINY_DIT = dict(
 )
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1,
                 temperal_downsample=(False, True, True))
+TINY_A14B_DIT = {**TINY_DIT, "image_dim": None, "added_kv_proj_dim": None}
+TINY_TI2V_DIT = {**TINY_A14B_DIT, "in_channels": 48, "out_channels": 48}
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
                relative_attention_num_buckets=32, relative_attention_max_distance=128,
                feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
@@ -91,6 +101,35 @@ MODEL_INDEX = {
 }
 
 
+@dataclass(frozen=True)
+class TinyVariant:
+    """One built-in tiny checkpoint: its DiT config(s), VAE config and pipeline index."""
+
+    name: str
+    dit: dict
+    vae: dict | None
+    """WanVAEConfig fields; None = the tiny Wan2.2 VAE (engine.models.wan.vae.TINY_VAE22)."""
+    experts: int = 1
+    clip: bool = False
+    model_index: dict = field(default_factory=dict)
+    """Changes to MODEL_INDEX."""
+
+    @property
+    def version(self) -> str:
+        return VERSION if self.name == "tiny-wan" else f"{self.name}-v1"
+
+
+VARIANTS: dict[str, TinyVariant] = {v.name: v for v in (
+    TinyVariant("tiny-wan", TINY_DIT, TINY_VAE, clip=True),
+    TinyVariant("tiny-wan2.2-a14b", TINY_A14B_DIT, TINY_VAE, experts=2, model_index={
+        "boundary_ratio": 0.875, "image_encoder": [None, None], "image_processor": [None, None],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"]}),
+    TinyVariant("tiny-wan2.2-ti2v", TINY_TI2V_DIT, None, model_index={
+        "_class_name": "WanPipeline", "expand_timesteps": True,
+        "image_encoder": [None, None], "image_processor": [None, None]}),
+)}
+
+
 # --------------------------------------------------------------------------- components
 
 
@@ -109,22 +148,23 @@ def make_tokenizer():
     return T5Tokenizer(vocab=tiny_vocab(), extra_ids=0, model_max_length=TEXT_LEN)
 
 
-def dit_config():
+def dit_config(name: str = "tiny-wan"):
     from engine.models.wan.transformer import WanDiTConfig
 
-    return WanDiTConfig(**TINY_DIT)
+    return WanDiTConfig(**VARIANTS[name].dit)
 
 
-def vae_config():
-    from engine.models.wan.vae import WanVAEConfig
+def vae_config(name: str = "tiny-wan"):
+    from engine.models.wan.vae import TINY_VAE22, WanVAEConfig
 
-    return WanVAEConfig(**TINY_VAE)
+    fields = VARIANTS[name].vae
+    return TINY_VAE22 if fields is None else WanVAEConfig(**fields)
 
 
-def randomize_(module: nn.Module, seed: int = SEED) -> nn.Module:
+def randomize_(module: nn.Module, seed: int = SEED, scale: float = 1.0) -> nn.Module:
     """Deterministic random weights that depend only on parameter names and shapes:
     biases 0.02 * N(0, 1); norm scales (1-D, `gamma`) 1 + 0.1 * N(0, 1); other weights
-    N(0, 1) / sqrt(fan_in). Outputs are neither zero nor exploding."""
+    scale * N(0, 1) / sqrt(fan_in). Outputs are neither zero nor exploding."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
@@ -134,7 +174,7 @@ def randomize_(module: nn.Module, seed: int = SEED) -> nn.Module:
             elif p.ndim == 1 or name.endswith("gamma"):
                 value = 1.0 + 0.1 * noise
             else:
-                value = noise / max(1, p[0].numel()) ** 0.5
+                value = scale * noise / max(1, p[0].numel()) ** 0.5
             p.copy_(value.to(p.dtype))
     return module
 
@@ -151,17 +191,19 @@ def _hf_models():
     return t5, clip
 
 
-def fingerprint() -> str:
+def fingerprint(name: str = "tiny-wan") -> str:
     """Hash of the generator version, sizes and our modules' parameter names and shapes."""
     from engine.models.wan.transformer import WanTransformer
     from engine.models.wan.vae import WanVAE
 
+    variant = VARIANTS[name]
     with torch.device("meta"):
         layout = {
-            "dit": [(k, list(v.shape)) for k, v in WanTransformer(dit_config()).state_dict().items()],
-            "vae": [(k, list(v.shape)) for k, v in WanVAE(vae_config()).state_dict().items()],
+            "dit": [(k, list(v.shape)) for k, v in WanTransformer(dit_config(name)).state_dict().items()],
+            "vae": [(k, list(v.shape)) for k, v in WanVAE(vae_config(name)).state_dict().items()],
         }
-    blob = json.dumps([VERSION, TINY_DIT, TINY_VAE, TINY_T5, TINY_CLIP, layout], sort_keys=True, default=str)
+    blob = json.dumps([variant.version, variant.dit, vae_config(name).to_dict(), variant.experts, variant.clip,
+                       variant.model_index, TINY_T5, TINY_CLIP, layout], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -182,20 +224,25 @@ def save_diffusers_module(module: nn.Module, directory: str, config: dict, class
         json.dump({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}, f, indent=2)
 
 
-def write_tiny_wan(directory: str) -> None:
-    """Write the tiny checkpoint (diffusers layout) into a new folder `directory`."""
+def write_tiny(directory: str, name: str = "tiny-wan", weight_scale: float = 1.0) -> None:
+    """Write the tiny checkpoint `name` (diffusers layout) into a new folder `directory`.
+    `weight_scale` multiplies the DiT's and VAE's random matrices (parity tests use > 1 so that
+    real mistakes change outputs far beyond the tolerance)."""
     from engine.models.wan.loader import make_clip_processor
     from engine.models.wan.transformer import WanTransformer
     from engine.models.wan.vae import WanVAE
 
+    variant = VARIANTS[name]
     os.makedirs(directory, exist_ok=True)
-    # 1. DiT and VAE: our modules, deterministic weights
-    dit_cfg, vae_cfg = dit_config(), vae_config()
+    # 1. DiT(s) and VAE: our modules, deterministic weights (each expert its own seed)
+    dit_cfg, vae_cfg = dit_config(name), vae_config(name)
+    folders = ["transformer", "transformer_2"][:variant.experts]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        dit = randomize_(WanTransformer(dit_cfg), SEED)
-        vae = randomize_(WanVAE(vae_cfg), SEED + 1)
-    save_diffusers_module(dit, os.path.join(directory, "transformer"), dit_cfg.to_dict(), "WanTransformer3DModel")
+        for i, folder in enumerate(folders):
+            dit = randomize_(WanTransformer(dit_cfg), SEED + 2 * i, weight_scale)
+            save_diffusers_module(dit, os.path.join(directory, folder), dit_cfg.to_dict(), "WanTransformer3DModel")
+        vae = randomize_(WanVAE(vae_cfg), SEED + 1, weight_scale)
     save_diffusers_module(vae, os.path.join(directory, "vae"), vae_cfg.to_dict(), "AutoencoderKLWan")
     # 2. encoders, tokenizer, image processor (saved by transformers, without progress bars)
     from transformers.utils import logging as hf_logging
@@ -205,20 +252,28 @@ def write_tiny_wan(directory: str) -> None:
     hf_logging.disable_progress_bar()
     try:
         t5.save_pretrained(os.path.join(directory, "text_encoder"))
-        clip.save_pretrained(os.path.join(directory, "image_encoder"))
+        if variant.clip:
+            clip.save_pretrained(os.path.join(directory, "image_encoder"))
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     make_tokenizer().save_pretrained(os.path.join(directory, "tokenizer"))
-    make_clip_processor(TINY_CLIP["image_size"]).save_pretrained(os.path.join(directory, "image_processor"))
+    if variant.clip:
+        make_clip_processor(TINY_CLIP["image_size"]).save_pretrained(os.path.join(directory, "image_processor"))
     # 3. scheduler, pipeline index, our marker
     os.makedirs(os.path.join(directory, "scheduler"))
     with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SCHEDULER_CONFIG, f, indent=2)
     with open(os.path.join(directory, "model_index.json"), "w") as f:
-        json.dump(MODEL_INDEX, f, indent=2)
+        json.dump({**MODEL_INDEX, **variant.model_index}, f, indent=2)
     with open(os.path.join(directory, MARKER), "w") as f:
-        json.dump({"version": VERSION, "fingerprint": fingerprint(), "seed": SEED}, f)
+        json.dump({"version": variant.version, "fingerprint": fingerprint(name), "seed": SEED,
+                   "weight_scale": weight_scale}, f)
+
+
+def write_tiny_wan(directory: str) -> None:
+    """Write tiny-wan (diffusers layout) into a new folder `directory`."""
+    write_tiny(directory, "tiny-wan")
 
 
 def cache_root() -> str:
@@ -233,20 +288,21 @@ def _is_current(directory: str, expected: str) -> bool:
         return False
 
 
-def materialize_tiny_wan(root: str | None = None) -> str:
-    """The tiny-wan checkpoint folder, generated on first use (atomically). Returns its path."""
+def materialize_tiny(name: str, root: str | None = None) -> str:
+    """The folder of the built-in tiny checkpoint `name`, generated on first use (atomically)."""
+    version = VARIANTS[name].version
     root = root or cache_root()
-    final = os.path.join(root, VERSION)
-    expected = fingerprint()
+    final = os.path.join(root, version)
+    expected = fingerprint(name)
     if _is_current(final, expected):
         return final
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{VERSION}-", dir=root)
+    tmp = tempfile.mkdtemp(prefix=f".{version}-", dir=root)
     try:
-        write_tiny_wan(tmp)
+        write_tiny(tmp, name)
         if os.path.isdir(final) and not _is_current(final, expected):
             # stale (older generator or module layout): move it aside, then drop it
-            stale = os.path.join(root, f".{VERSION}-stale-{uuid.uuid4().hex[:8]}")
+            stale = os.path.join(root, f".{version}-stale-{uuid.uuid4().hex[:8]}")
             try:
                 os.rename(final, stale)
                 shutil.rmtree(stale, ignore_errors=True)
@@ -264,56 +320,62 @@ def materialize_tiny_wan(root: str | None = None) -> str:
     return final
 
 
+def materialize_tiny_wan(root: str | None = None) -> str:
+    """The tiny-wan checkpoint folder, generated on first use (atomically). Returns its path."""
+    return materialize_tiny("tiny-wan", root)
+
+
 # --------------------------------------------------------------------------- official layout
 
 
 def write_official_layout(diffusers_dir: str, directory: str, num_shards: int = 2) -> str:
-    """Rewrite a Wan2.1 diffusers-layout checkpoint in the official release layout (for tests and
-    for trying the official loaders without the real weights):
+    """Rewrite a Wan diffusers-layout checkpoint in the official release layout (for tests and for
+    trying the official loaders without the real weights):
 
-        config.json                                        (official keys, no `text_dim`, as released)
-        diffusion_pytorch_model-0000i-of-0000n.safetensors + diffusion_pytorch_model.safetensors.index.json
-        Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/ (tokenizer)
-        models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (I2V; with a stand-in `textual.*`)
+        config.json + diffusion_pytorch_model-0000i-of-0000n.safetensors + its index
+                                          (official keys, no `text_dim`, as released; a two-expert
+                                          model: the same in high_noise_model/ and low_noise_model/)
+        Wan2.1_VAE.pth (Wan2.2 VAE: Wan2.2_VAE.pth, nested keys), models_t5_umt5-xxl-enc-bf16.pth,
+        google/umt5-xxl/ (tokenizer)
+        models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (CLIP; with a stand-in `textual.*`)
 
     Tensors keep their dtype. Returns `directory`.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from engine.models.wan import keymap_clip, keymap_dit, keymap_t5, keymap_vae, loader
-    from engine.models.wan.transformer import WanDiTConfig
+    from engine.loading import OFFICIAL_EXPERT_DIRS, read_json
+    from engine.models.wan import keymap_clip, keymap_t5, keymap_vae, loader
 
     os.makedirs(directory, exist_ok=True)
     src = lambda *parts: os.path.join(diffusers_dir, *parts)  # noqa: E731
     dst = lambda *parts: os.path.join(directory, *parts)  # noqa: E731
 
-    # 1. DiT: official config + sharded safetensors with an index
-    with open(src("transformer", "config.json")) as f:
-        official_config = WanDiTConfig.from_dict(json.load(f)).to_official(text_len=TEXT_LEN)
-    official_config.pop("text_dim", None)  # the released config.json has none; read from the weights
-    with open(dst("config.json"), "w") as f:
-        json.dump(official_config, f, indent=2)
-    dit = keymap_dit.diffusers_to_official(load_file(src("transformer", "diffusion_pytorch_model.safetensors")))
-    keys = sorted(dit)
-    weight_map: dict[str, str] = {}
-    for i in range(num_shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {k: dit[k].contiguous() for k in keys[i::num_shards]}
-        save_file(part, dst(name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    total = sum(t.numel() * t.element_size() for t in dit.values())
-    with open(dst("diffusion_pytorch_model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    # 1. DiT(s): official config + sharded safetensors with an index
+    index = read_json(src("model_index.json"))
+    two_experts = (index.get("transformer_2") or [None, None])[1] is not None
+    if two_experts:
+        for folder, expert_dir in zip(("transformer", "transformer_2"), OFFICIAL_EXPERT_DIRS):
+            _write_official_dit(src(folder), dst(expert_dir), num_shards)
+    else:
+        _write_official_dit(src("transformer"), directory, num_shards)
+    if index.get("expand_timesteps"):  # TI2V: the official config says so with model_type
+        with open(dst("config.json")) as f:
+            config = json.load(f)
+        with open(dst("config.json"), "w") as f:
+            json.dump({**config, "model_type": "ti2v"}, f, indent=2)
 
     # 2. VAE and umT5 encoder as .pth state dicts, tokenizer folder
     vae = load_file(src("vae", "diffusion_pytorch_model.safetensors"))
-    torch.save(keymap_vae.diffusers_to_official(vae), dst(loader.OFFICIAL_VAE))
+    if read_json(src("vae", "config.json")).get("is_residual"):
+        torch.save(keymap_vae.diffusers_to_official_vae22(vae), dst(loader.OFFICIAL_VAE22))
+    else:
+        torch.save(keymap_vae.diffusers_to_official(vae), dst(loader.OFFICIAL_VAE))
     t5 = load_file(src("text_encoder", "model.safetensors"))
     t5.setdefault("encoder.embed_tokens.weight", t5.get("shared.weight"))
     torch.save(keymap_t5.hf_to_official(t5), dst(loader.OFFICIAL_T5))
     shutil.copytree(src("tokenizer"), dst(loader.OFFICIAL_T5_TOKENIZER))
 
-    # 3. CLIP (I2V only): the vision tower plus stand-ins for the parts we ignore
+    # 3. CLIP (Wan2.1 I2V only): the vision tower plus stand-ins for the parts we ignore
     if os.path.isdir(src("image_encoder")):
         clip = keymap_clip.hf_to_official(load_file(src("image_encoder", "model.safetensors")))
         width = clip["visual.patch_embedding.weight"].shape[0]
@@ -323,3 +385,29 @@ def write_official_layout(diffusers_dir: str, directory: str, num_shards: int = 
         clip["log_scale"] = torch.tensor(4.6)
         torch.save(clip, dst(loader.OFFICIAL_CLIP))
     return directory
+
+
+def _write_official_dit(src_dir: str, directory: str, num_shards: int) -> None:
+    """One DiT (a diffusers `transformer*/` folder) as the official release stores it."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.models.wan import keymap_dit
+    from engine.models.wan.transformer import WanDiTConfig
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(src_dir, "config.json")) as f:
+        official_config = WanDiTConfig.from_dict(json.load(f)).to_official(text_len=TEXT_LEN)
+    official_config.pop("text_dim", None)  # the released config.json has none; read from the weights
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(official_config, f, indent=2)
+    dit = keymap_dit.diffusers_to_official(load_file(os.path.join(src_dir, "diffusion_pytorch_model.safetensors")))
+    keys = sorted(dit)
+    weight_map: dict[str, str] = {}
+    for i in range(num_shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {k: dit[k].contiguous() for k in keys[i::num_shards]}
+        save_file(part, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in dit.values())
+    with open(os.path.join(directory, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

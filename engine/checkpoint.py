@@ -1,0 +1,113 @@
+"""Resolving a model to a checkpoint: a registry name or alias, or a local folder, its layout, and
+the variant it holds (asked of the model families, never read from the folder's name).
+
+Layouts:
+- "diffusers": `model_index.json` and one sub-folder per component. The sampling defaults
+  (solver, shift) of such a checkpoint come from its own `scheduler/scheduler_config.json`, as
+  diffusers' pipelines sample it.
+- "official": the authors' release folder: a root `config.json` with the DiT's
+  `diffusion_pytorch_model*.safetensors`, or (two experts, Wan2.2 A14B) `high_noise_model/` and
+  `low_noise_model/` each holding both; the registry's defaults (the official repo's) apply.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+from engine.families import detect_spec
+from engine.loading import (
+    DIFFUSERS_MARKER, OFFICIAL_CONFIG, OFFICIAL_EXPERT_DIRS, OFFICIAL_WEIGHTS_STEM, Checkpoint, Layout, read_json,
+)
+from engine.registry import ModelSpec, get_spec, list_specs
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
+
+
+def _has_official_dit(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, OFFICIAL_CONFIG)) and bool(
+        glob.glob(os.path.join(glob.escape(directory), f"{OFFICIAL_WEIGHTS_STEM}*.safetensors")))
+
+
+def detect_layout(path: str) -> Layout:
+    """"diffusers" (`model_index.json`) or "official" (a DiT config + safetensors at the root, or
+    in each expert folder)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if os.path.isfile(os.path.join(path, DIFFUSERS_MARKER)):
+        return "diffusers"
+    if _has_official_dit(path) or all(_has_official_dit(os.path.join(path, d)) for d in OFFICIAL_EXPERT_DIRS):
+        return "official"
+    present = sorted(os.listdir(path))[:20]
+    raise ValueError(
+        f"{path} is not a checkpoint folder this engine can read. Looked for: "
+        f"'{DIFFUSERS_MARKER}' (diffusers layout), or '{OFFICIAL_CONFIG}' together with "
+        f"'{OFFICIAL_WEIGHTS_STEM}*.safetensors' at the root or in {' and '.join(OFFICIAL_EXPERT_DIRS)}/ "
+        f"(official release layout). Found: {present}"
+    )
+
+
+def find_spec(name: str) -> ModelSpec | None:
+    """The entry whose registry name or alias is `name` (case-insensitive), or None."""
+    wanted = name.casefold()
+    for spec in list_specs():
+        if wanted == spec.name.casefold() or wanted in (a.casefold() for a in spec.aliases):
+            return spec
+    return None
+
+
+def with_scheduler_defaults(spec: ModelSpec, path: str, layout: Layout) -> ModelSpec:
+    """For a diffusers-layout folder with a scheduler config: the spec with that config's solver
+    and shift as its defaults (a config option the samplers do not implement raises)."""
+    file = os.path.join(path, SCHEDULER_CONFIG)
+    if layout != "diffusers" or not os.path.isfile(file):
+        return spec
+    from engine.samplers.config import scheduler_defaults
+
+    try:
+        found = scheduler_defaults(read_json(file))
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
+    return spec.with_defaults(sampler=found.sampler, shift=found.shift)
+
+
+def resolve_checkpoint(model: str, spec_name: str | None = None) -> Checkpoint:
+    """A registry name or alias (generated models are materialised on first use) or a local folder.
+
+    For a folder the layout is detected from its files and the variant from its config, through
+    the registered model families; `spec_name` picks among variants that share an architecture
+    (e.g. "wan2.1-i2v-14b-720p" instead of the default 480p entry).
+    """
+    model = os.path.expanduser(model)
+    if not os.path.isdir(model):
+        spec = find_spec(model)
+        if spec is None:
+            names = ", ".join(s.name for s in list_specs())
+            raise ValueError(
+                f"model {model!r} is neither a registered model name or alias ({names}) nor a local directory"
+            )
+        if spec_name is not None and spec_name != spec.name:
+            raise ValueError(f"spec_name={spec_name!r} conflicts with the registry name {model!r}")
+        if spec.materialize is not None:
+            path = spec.materialize()
+        elif spec.source is not None:
+            path = spec.source
+        else:
+            raise ValueError(
+                f"model {model!r} has no local weights (nothing can be downloaded here); pass the "
+                f"checkpoint directory instead, its variant is detected from its config"
+            )
+        layout = detect_layout(path)
+        return Checkpoint(path=os.path.abspath(path), layout=layout,
+                          spec=with_scheduler_defaults(spec, path, layout))
+
+    path = os.path.abspath(model)
+    layout = detect_layout(path)
+    spec = with_scheduler_defaults(detect_spec(path, layout, spec_name), path, layout)
+    log.info("checkpoint %s: %s layout, variant %s", path, layout, spec.name)
+    return Checkpoint(path=path, layout=layout, spec=spec)
+
+
+__all__ = ["Checkpoint", "detect_layout", "find_spec", "get_spec", "resolve_checkpoint"]
