@@ -27,6 +27,7 @@ Times: CUDA events after warm-up, the median of --repeats runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -326,24 +327,12 @@ def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
     model.eval().requires_grad_(False)
     options = EngineOptions(device=DEV, dtype="bfloat16", quantization="none" if precision == "bf16" else precision,
                             attention=attention, compile="compile" in parts)
+    fusions = WanTransformer.fusions()
     if "nofuse" in parts:  # the same without the fused attention projections (A/B)
-        from engine.kernels import fused_attention
-
-        saved, fused_attention.SWAPS = fused_attention.SWAPS, {}
-        try:
-            return optimize_transformer(model, options)
-        finally:
-            fused_attention.SWAPS = saved
+        fusions = dataclasses.replace(fusions, swaps={})
     if "noffn" in parts:  # the same without the feed-forward's fused GELU (A/B)
-        from engine.kernels import fused_ffn
-
-        saved = fused_ffn.fusable, fused_ffn.gelu_fusable
-        fused_ffn.fusable = fused_ffn.gelu_fusable = lambda module: False
-        try:
-            return optimize_transformer(model, options)
-        finally:
-            fused_ffn.fusable, fused_ffn.gelu_fusable = saved
-    return optimize_transformer(model, options)
+        fusions = dataclasses.replace(fusions, feed_forwards=())
+    return optimize_transformer(model, options, fusions)
 
 
 def diffusers_model(cfg_kwargs: dict, sd: dict):

@@ -5,10 +5,16 @@
     stage holds it for one request: one full weight copy per request). A forward call outside
     `resident` copies in, runs and drops again: one full weight copy per CALL, i.e. per step.
     This mode is for sharing one GPU between stages, not for speed.
+"expert": "model"'s mechanics applied to each expert of a model with several (Wan2.2 A14B): the
+    loader applies it to every expert, and the denoise loop holds `resident(expert)` for each
+    phase, so only the active expert's weights are on the GPU and the idle one waits in pinned
+    CPU memory (one full copy of an expert per phase per request). Allowed with a parallel DiT
+    group (each rank offloads its own copy) and with torch.compile.
 "block": the non-block weights (patch embedding, conditioning embedders, output head; small) live
-    on the GPU; each transformer block's weights live in pinned CPU memory. Two GPU slots, each the
-    size of one block, are allocated once. Block i runs from one slot while block i+1 is copied into
-    the other on a separate copy stream (double buffering); events order copy and compute:
+    on the GPU; each repeated block's weights (the `engine.dit` seam `repeated_blocks`) live in
+    pinned CPU memory. Two GPU slots, each the size of one block, are allocated once. Block i runs
+    from one slot while block i+1 is copied into the other on a separate copy stream (double
+    buffering); events order copy and compute:
 
         copy stream     [copy b0 -> s0]      [copy b1 -> s1]            [copy b2 -> s0] ...
         compute stream           wait(c0) [ block 0 on s0 ] wait(c1) [ block 1 on s1 ] ...
@@ -22,8 +28,8 @@ Whatever tensors a block holds are moved: nn.Linear weights, the fused q|k|v pro
 engine.kernels, the 8-bit weights + scales (buffers) of engine.quant's linears. Apply offload
 after `optimize_transformer` (the loader does).
 
-Limits (refused at start-up by `check_offload`): parallel world size > 1 (each DiT rank would need
-its own offload; not built), torch.compile with "block" (the weight swap runs in the block's
+Limits (refused at start-up by `check_offload`): "model" and "block" with parallel world size > 1
+(a single-GPU memory saver), torch.compile with "block" (the weight swap runs in the block's
 forward hooks, which torch.compile would trace). On a CPU device offload is a no-op (logged).
 
 Testing without CUDA: the storage / compute devices and the copy/compute ordering (`StreamOps`)
@@ -39,6 +45,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import Tensor, nn
 
+from engine.dit import blocks_of
 from engine.options import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -47,16 +54,23 @@ log = logging.getLogger(__name__)
 # Start-up checks
 
 
+SINGLE_RANK_MODES = ("model", "block")
+"""Offload modes refused with a parallel DiT group ("expert" is allowed: each rank offloads its own
+copy of the idle expert)."""
+
+
 def check_offload(options: EngineOptions) -> None:
-    """Raise ValueError at start-up for an offload setting this engine cannot run."""
+    """Raise ValueError at start-up for an offload setting this engine cannot run. (A model with a
+    single expert under offload="expert" is the loader's to refuse: only it knows the experts.)"""
     mode = options.offload  # one of options.Offload (EngineOptions checks it)
     if mode == "none":
         return
-    if options.parallel.world_size > 1:
+    if mode in SINGLE_RANK_MODES and options.parallel.world_size > 1:
         raise ValueError(
             f"offload={mode!r} is not supported with a parallel DiT group (parallel.cfg="
             f"{options.parallel.cfg} x parallel.ulysses={options.parallel.ulysses}); use offload='none' "
-            "with parallel degrees > 1, or a single-GPU group with offload")
+            "with parallel degrees > 1 (or offload='expert' for a model with several experts), or a "
+            "single-GPU group with offload")
     if mode == "block" and options.compile:
         raise ValueError(
             "offload='block' with compile=True is not supported: the per-block weight swap runs in "
@@ -301,7 +315,8 @@ class _Slot:
 
 
 class BlockOffload:
-    """Keeps `model.blocks` in storage and streams them through two compute-device slots.
+    """Keeps the model's repeated blocks (`engine.dit.blocks_of`) in storage and streams them
+    through two compute-device slots.
 
     Non-block tensors are moved to `compute` once. All blocks must hold the same tensor shapes
     and dtypes (true of a DiT's repeated blocks), so one slot fits any block.
@@ -309,9 +324,10 @@ class BlockOffload:
 
     def __init__(self, model: nn.Module, compute: torch.device, storage: torch.device = torch.device("cpu"),
                  streams: StreamOps | None = None, pin: bool | None = None, prefetch: bool = True) -> None:
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise ValueError(f"offload='block': {type(model).__name__} has no non-empty `blocks` ModuleList")
+        try:
+            blocks = blocks_of(model)
+        except TypeError as e:
+            raise ValueError(f"offload='block' needs the model's repeated blocks: {e}") from e
         self.compute, self.storage = torch.device(compute), torch.device(storage)
         pin = (self.compute.type == "cuda" and self.storage.type == "cpu") if pin is None else pin
         self.streams = streams if streams is not None else default_streams(self.compute)
@@ -411,13 +427,16 @@ class BlockOffload:
 
 Offloader = ModelOffload | BlockOffload
 
-OFFLOADERS: dict[str, type[ModelOffload] | type[BlockOffload]] = {"model": ModelOffload, "block": BlockOffload}
-"""offload mode -> the class that applies it ("none" applies nothing)."""
+OFFLOADERS: dict[str, type[ModelOffload] | type[BlockOffload]] = {
+    "model": ModelOffload, "block": BlockOffload, "expert": ModelOffload}
+"""offload mode -> the class that applies it ("none" applies nothing; "expert" is ModelOffload on
+each expert, the loader applying it to every one)."""
 
 
 def apply_offload(model: nn.Module, options: EngineOptions, streams: StreamOps | None = None) -> nn.Module:
-    """Apply `options.offload` to a loaded (and optimised) DiT, in place; returns the model.
-    The offloader is reachable as `model.offloader` (None when nothing is applied)."""
+    """Apply `options.offload` to a loaded (and optimised) DiT, in place; returns the model. With
+    offload="expert" call it on each expert. The offloader is reachable as `model.offloader`
+    (None when nothing is applied)."""
     check_offload(options)
     model.offloader = None
     if options.offload == "none":
@@ -438,6 +457,7 @@ def get_offloader(model: nn.Module) -> Offloader | None:
 
 def resident(model: nn.Module) -> contextlib.AbstractContextManager:
     """Hold the model's weights on the compute device for a sequence of forward calls (one
-    request): one weight copy for all of them with offload="model"; nothing otherwise."""
+    request, or one expert's phase): one weight copy for all of them with offload="model" or
+    "expert", dropped at the end; nothing otherwise."""
     offloader = get_offloader(model)
     return offloader.resident() if offloader is not None else contextlib.nullcontext()

@@ -1,12 +1,14 @@
-"""The DiT feed-forward over 8-bit linears, with its GELU fused into the hidden activations'
+"""A DiT feed-forward over 8-bit linears, with its GELU fused into the hidden activations'
 per-token quantization; applied from outside by module swap.
 
-`FeedForward` runs Linear -> GELU (tanh) -> Linear. With FP8 / INT8 linears the second linear
-quantizes the GELU output per token; Inductor fuses bias + GELU + quantization into one
-reduction kernel, but over the 13,824-wide hidden rows of the 14B model it reads the rows twice
-and takes ~1.8 ms per block at 480p (docs/BENCHMARKS.md, run 3's profile). `QuantFeedForward`
-does it in one Triton pass (`quant_ops.gelu_quant_rows`: bias + GELU in float32, per-row
-quantization from registers), as an opaque op under torch.compile:
+A feed-forward in diffusers' layout (`net.0` a GELU projection with `.proj` (Linear) and
+`.approximate`, `net.1` dropout or identity, `net.2` Linear) runs Linear -> GELU (tanh) -> Linear;
+which classes qualify is the family's declaration (`engine.dit.Fusions.feed_forwards`). With FP8 /
+INT8 linears the second linear quantizes the GELU output per token; Inductor fuses bias + GELU +
+quantization into one reduction kernel, but it reads the wide hidden rows twice (profile in
+docs/BENCHMARKS.md, run 3). `QuantFeedForward` does it in one Triton pass
+(`quant_ops.gelu_quant_rows`: bias + GELU in float32, per-row quantization from registers), as an
+opaque op under torch.compile:
 
     x -> quantize per token (Inductor fuses it into the norm / modulation before)
       -> GEMM 1 without bias (bf16 out) -> bias + GELU + quantize per token (one pass)
@@ -14,7 +16,7 @@ quantization from registers), as an opaque op under torch.compile:
 
 With 16-bit linears, `GeluFeedForward` puts bias + GELU into the first GEMM's epilogue
 (`torch._addmm_activation`, cuBLASLt's GELU_BIAS epilogue, tanh GELU; an extern kernel under
-torch.compile), so the 13,824-wide hidden rows are written once instead of written, read and
+torch.compile), so the wide hidden rows are written once instead of written, read and
 written again by a separate GELU kernel.
 
 The submodules are the original ones (the state dict keeps its keys). Off CUDA both run the
@@ -26,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from engine.models.wan.transformer import FeedForward
 from engine.modules import swap_modules
 from engine.quant import QuantLinear
 from engine.requirements import triton_problem
@@ -47,10 +48,10 @@ def _(h, bias, kind):
 
 
 class _FusedFeedForward(nn.Module):
-    """A FeedForward's modules (keys net.0.proj, net.2) with a fused CUDA path over (M, D) rows;
+    """A feed-forward's modules (keys net.0.proj, net.2) with a fused CUDA path over (M, D) rows;
     off CUDA the original math."""
 
-    def __init__(self, ff: FeedForward) -> None:
+    def __init__(self, ff: nn.Module) -> None:
         super().__init__()
         self.net = ff.net
 
@@ -86,32 +87,43 @@ class GeluFeedForward(_FusedFeedForward):
         return out(torch._addmm_activation(proj.bias, x2, proj.weight.t(), use_gelu=True))
 
 
+def _parts(module: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
+    """(first linear, GELU approximation, second linear) of a diffusers-layout feed-forward, else None."""
+    net = getattr(module, "net", None)
+    if not isinstance(net, nn.Sequential) or len(net) != 3:
+        return None
+    proj, approximate = getattr(net[0], "proj", None), getattr(net[0], "approximate", None)
+    if not isinstance(proj, nn.Module) or not isinstance(approximate, str):
+        return None
+    return proj, approximate, net[2]
+
+
 def gelu_fusable(module: nn.Module) -> bool:
-    """A FeedForward with tanh GELU whose two linears are plain 16-bit nn.Linear with bias."""
-    if type(module) is not FeedForward or module.net[0].approximate != "tanh":
+    """A feed-forward with tanh GELU whose two linears are plain 16-bit nn.Linear with bias."""
+    parts = _parts(module)
+    if parts is None or parts[1] != "tanh":
         return False
-    linears = (module.net[0].proj, module.net[2])
     return all(type(m) is nn.Linear and m.bias is not None
-               and m.weight.dtype in (torch.bfloat16, torch.float16) for m in linears)
+               and m.weight.dtype in (torch.bfloat16, torch.float16) for m in (parts[0], parts[2]))
 
 
 def fusable(module: nn.Module) -> bool:
-    """A FeedForward with tanh GELU whose two linears are 8-bit linears of the same class."""
-    if type(module) is not FeedForward:
+    """A feed-forward with tanh GELU whose two linears are 8-bit linears of the same class."""
+    parts = _parts(module)
+    if parts is None:
         return False
-    proj, out = module.net[0].proj, module.net[2]
-    return (module.net[0].approximate == "tanh" and isinstance(proj, QuantLinear)
-            and type(proj) is type(out))
+    proj, approximate, out = parts
+    return approximate == "tanh" and isinstance(proj, QuantLinear) and type(proj) is type(out)
 
 
-def fuse_ffn(model: nn.Module) -> int:
-    """Swap, in place, every fusable FeedForward of `model` for a QuantFeedForward (after
-    quantization; needs Triton) and every 16-bit one for a GeluFeedForward; on CUDA only, else
-    nothing. Returns the count."""
+def fuse_ffn(model: nn.Module, feed_forwards: tuple[type[nn.Module], ...]) -> int:
+    """Swap, in place, every fusable feed-forward of `model` (modules of exactly one of the
+    `feed_forwards` classes) for a QuantFeedForward (after quantization; needs Triton) and every
+    16-bit one for a GeluFeedForward; on CUDA only, else nothing. Returns the count."""
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cuda":
+    if param is None or param.device.type != "cuda" or not feed_forwards:
         return 0
-    n = swap_modules(model, lambda name, m: gelu_fusable(m), GeluFeedForward)
+    n = swap_modules(model, lambda name, m: type(m) in feed_forwards and gelu_fusable(m), GeluFeedForward)
     if triton_problem() is None:
-        n += swap_modules(model, lambda name, m: fusable(m), QuantFeedForward)
+        n += swap_modules(model, lambda name, m: type(m) in feed_forwards and fusable(m), QuantFeedForward)
     return n

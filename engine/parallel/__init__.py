@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from engine.dit import num_heads
 from engine.guidance import CFGPredictor, GuidedPredictor
 from engine.parallel.cfg import CFGParallelPredictor
 from engine.parallel.mesh import ParallelMesh, SubGroup, init_mesh, single_mesh
@@ -20,32 +21,25 @@ __all__ = ["CFGParallelPredictor", "ParallelMesh", "SubGroup", "apply_parallel",
            "check_parallel_config", "init_mesh", "single_mesh"]
 
 
-def _num_heads(model: nn.Module) -> int:
-    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
-    if not isinstance(heads, int):
-        raise TypeError(f"{type(model).__name__} has no config.num_attention_heads; "
-                        "cannot check the Ulysses degree")
-    return heads
-
-
 def check_parallel_config(model: nn.Module, ulysses: int) -> None:
     """Refuse, with a clear message, a Ulysses degree the model's heads do not divide."""
-    check_heads(_num_heads(model), ulysses, "parallel.ulysses")
+    check_heads(num_heads(model), ulysses, "parallel.ulysses")
 
 
 def apply_parallel(model: nn.Module, mesh: ParallelMesh, cfg_batch: bool = False) -> GuidedPredictor:
     """Make `model` run on `mesh` and return the guided predictor the denoise loop should call.
 
     World size 1: the model is untouched and the plain `CFGPredictor` is returned (`cfg_batch`:
-    `EngineOptions.cfg_batch`, both branches as one batch-2 forward where one rank runs both). Otherwise the
-    model's sequence seam and self-attention cores are swapped for Ulysses versions (also when
-    ulysses = 1: they are then no-ops unless guidance is off and the world splits the tokens) and
-    a `CFGParallelPredictor` is returned. Raises ValueError when the heads do not divide by the
-    Ulysses degree.
+    `EngineOptions.cfg_batch`, both branches as one batch-2 forward where one rank runs both).
+    Otherwise the model's sequence hooks and sequence-attention cores (engine.dit seams) are
+    swapped for Ulysses versions (also when ulysses = 1: they are then no-ops unless guidance is
+    off and the world splits the tokens) and a `CFGParallelPredictor` is returned. Raises ValueError when the heads do not divide by the
+    Ulysses degree. Call it on each expert of a model with several (each gets its own state and
+    predictor on the same mesh).
     """
     if mesh.is_single:
         return CFGPredictor(model, cfg_batch)
-    heads = _num_heads(model)
+    heads = num_heads(model)
     check_heads(heads, mesh.config.ulysses, "parallel.ulysses")
     state = UlyssesState()
     apply_ulysses(model, state)

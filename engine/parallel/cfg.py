@@ -43,8 +43,9 @@ class CFGParallelPredictor:
 
     def __call__(self, x: Tensor, timestep: Tensor, context: Tensor, negative_context: Tensor | None,
                  guidance_scale: float, image_context: Tensor | None = None) -> Tensor:
-        """x (1, C_in, F, H, W); timestep (1,); context / negative_context (1, L, D) or None;
-        image_context (1, 257, D_img) or None. Returns (1, C_out, F, H, W) float32 on every rank."""
+        """x (1, C_in, F, H, W); timestep (1,), or (1, L) one per token; context / negative_context
+        (1, L_txt, D) or None; image_context (1, 257, D_img) or None. Returns (1, C_out, F, H, W)
+        float32 on every rank."""
         # 1. Guidance off: every rank on the one branch (world split when the heads allow).
         if negative_context is None:
             with self.state.use(self.guidance_off_group):

@@ -1,20 +1,23 @@
-"""Ulysses sequence parallelism for the Wan DiT, applied by swapping two kinds of modules.
+"""Ulysses sequence parallelism for a DiT, applied by swapping two kinds of modules.
 
-Inside a Ulysses group of d ranks, each rank holds 1/d of the video tokens through the blocks:
+Inside a Ulysses group of d ranks, each rank holds 1/d of the video tokens through the blocks. The
+modules swapped are the model's declared seams (engine.dit):
 
-- `model.sequence` -> `UlyssesSequence`: `split` pads the token axis to a multiple of d and keeps
-  this rank's slice of the tokens and of the rotary tables; `gather` all-gathers the slices and
-  drops the padding before the output head.
-- each block's `attn1.core` -> `UlyssesAttention`: an all-to-all turns the sequence split into a
-  head split (every rank sees all tokens for H/d heads), the padding tokens are dropped so they
-  never act as keys, the wrapped core attends, and a second all-to-all turns the result back.
+- its `SequenceHooks` (`sequence_hooks`) -> `UlyssesSequence`: `split` pads the token axis to a
+  multiple of d and keeps this rank's slice of the tokens and of every tensor aligned with them
+  (rotary tables; per-token modulation, e.g. Wan2.2 TI2V's per-token timesteps; a tensor of size 1
+  on the token axis is shared by all tokens and kept whole); `gather` all-gathers the slices and
+  drops the padding before the output head (which uses its own, unsplit, per-token conditioning);
+- each block's `sequence_attention` cores -> `UlyssesAttention`: an all-to-all turns the sequence
+  split into a head split (every rank sees all tokens for H/d heads), the padding tokens are
+  dropped so they never act as keys, the wrapped core attends, and a second all-to-all turns the
+  result back.
 
 Everything else in a block is per token (norms, modulation, q/k RMSNorm across heads, which is
 computed before the head split on the full width, rotary embeddings on the rank's own slice, the
 feed-forward) or attends to tokens every rank holds in full (cross-attention to text and image
-tokens: `attn2.core` is left alone). So the output equals the single-rank output up to float
-rounding. Wan2.1's modulation is per sample, not per token; a model with per-token timesteps
-(Wan2.2 TI2V) would also need its modulation split here (not supported yet).
+tokens: those cores are not declared and are left alone). So the output equals the single-rank
+output up to float rounding.
 
 Which group the split uses is chosen per forward (`UlyssesState.use`): the CFG-parallel
 predictor uses the mesh's Ulysses group, or the whole world when guidance is off.
@@ -30,9 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.attention import AttentionCore
+from engine.dit import SequenceHooks, sequence_attention_slots, sequence_hooks_of, set_sequence_hooks
 from engine.parallel.mesh import SINGLE, SubGroup
-
-Rope = tuple[Tensor, Tensor]
 
 
 def check_heads(num_heads: int, degree: int, what: str) -> None:
@@ -75,23 +77,30 @@ def _shard(t: Tensor, group: SubGroup, padded: int) -> Tensor:
     return t[:, group.rank * chunk:(group.rank + 1) * chunk]
 
 
-class UlyssesSequence(nn.Module):
+class UlyssesSequence(SequenceHooks):
     """`SequenceHooks` that shards the token sequence over the active Ulysses group."""
 
     def __init__(self, state: UlyssesState) -> None:
         super().__init__()
         self.state = state
 
-    def split(self, x: Tensor, rope: Rope) -> tuple[Tensor, Rope]:
+    def split(self, x: Tensor, *aligned: Tensor) -> tuple[Tensor, ...]:
         group = self.state.group
         if group.size == 1:
-            return x, rope
+            return (x, *aligned)
         tokens = x.shape[1]                                             # L
         padded = -(-tokens // group.size) * group.size                  # L_pad = d * L_local
         self.state.tokens, self.state.padded = tokens, padded
-        x = _shard(x, group, padded)                                    # (B, L_local, D)
-        rope = (_shard(rope[0], group, padded), _shard(rope[1], group, padded))  # (1, L_local, 1, Dh // 2) x 2
-        return x.contiguous(), rope
+        parts = [_shard(x, group, padded).contiguous()]                 # (B, L_local, D)
+        for t in aligned:                                               # e.g. rope (1, L, 1, Dh // 2)
+            if t.shape[1] == 1:                                         # shared by all tokens: whole
+                parts.append(t)
+            elif t.shape[1] == tokens:
+                parts.append(_shard(t, group, padded))                  # (.., L_local, ..)
+            else:
+                raise ValueError(f"UlyssesSequence.split: an aligned tensor {tuple(t.shape)} has neither "
+                                 f"{tokens} tokens nor 1 on dim 1")
+        return tuple(parts)
 
     def gather(self, x: Tensor) -> Tensor:
         group = self.state.group
@@ -147,24 +156,19 @@ class UlyssesAttention(nn.Module):
         return _heads_to_seq(out, group)                                # (B, L_local, H, Dh)
 
 
-def self_attention_cores(model: nn.Module) -> list[nn.Module]:
-    """The modules holding a self-attention core (`<...>.attn1` with a `core`)."""
-    return [m for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] == "attn1" and isinstance(getattr(m, "core", None), nn.Module)]
-
-
 def apply_ulysses(model: nn.Module, state: UlyssesState) -> None:
-    """Swap `model.sequence` and every block's `attn1.core` for their Ulysses versions, all
-    sharing `state`. Applying again re-points already swapped cores at the new `state` (a core
-    left on an old state would attend over its local token slice only)."""
-    if not hasattr(model, "sequence"):
-        raise TypeError(f"{type(model).__name__} has no `sequence` seam; Ulysses cannot be applied")
-    attentions = self_attention_cores(model)
-    if not attentions:
-        raise TypeError(f"{type(model).__name__} has no `attn1.core` self-attention seam")
-    model.sequence = UlyssesSequence(state)
-    for attn in attentions:
-        if isinstance(attn.core, UlyssesAttention):
-            attn.core.state = state
+    """Swap the model's `SequenceHooks` and every block's `sequence_attention` cores (engine.dit
+    seams) for their Ulysses versions, all sharing `state`. Applying again re-points already
+    swapped cores at the new `state` (a core left on an old state would attend over its local
+    token slice only). TypeError if the model does not declare the seams."""
+    sequence_hooks_of(model)  # checks the seam before anything is swapped
+    slots = sequence_attention_slots(model)
+    if not slots:
+        raise TypeError(f"{type(model).__name__} declares no `sequence_attention` core; Ulysses cannot be applied")
+    set_sequence_hooks(model, UlyssesSequence(state))
+    for owner, name in slots:
+        core = getattr(owner, name)
+        if isinstance(core, UlyssesAttention):
+            core.state = state
         else:
-            attn.core = UlyssesAttention(attn.core, state)
+            setattr(owner, name, UlyssesAttention(core, state))

@@ -9,29 +9,19 @@ Elsewhere (CPU) they run the reference math of engine/quant/reference.py.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
+from engine.dit import quant_skip_of, skipped
 from engine.modules import swap_modules
 from engine.requirements import cuda_capability as _cuda_capability, triton_problem
 
 from .reference import FORMATS, QuantFormat, quantize_rows, quantized_linear_reference
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SKIP: tuple[str, ...] = (
-    "condition_embedder*",   # time / text / image embedders
-    "proj_out",              # output head
-    "patch_embedding",       # (a Conv3d anyway)
-    "*norm*",                # norms (and anything named like one)
-    "*scale_shift_table*",   # modulation
-)
-"""Module-name patterns (fnmatch) kept in high precision by default."""
-
 
 def _gpu_requirement(device: torch.device, fmt: str, min_capability: tuple[int, int],
                      gpus: str = "", missing: str | None = None) -> str | None:
@@ -289,24 +279,23 @@ def check_quantization(mode: str, device: torch.device | str) -> None:
         raise RuntimeError(f"quantization={mode!r} cannot run here: {reason}")
 
 
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(name.split(".")[-1], pat)
-               for pat in skip)
-
-
-def quantize_model(model: nn.Module, mode: str, skip: tuple[str, ...] = DEFAULT_SKIP) -> nn.Module:
-    """Swap every nn.Linear of `model` not matching `skip` for the `mode` quantized linear.
+def quantize_model(model: nn.Module, mode: str, skip: tuple[str, ...] | None = None) -> nn.Module:
+    """Swap every nn.Linear of `model` whose name matches no `skip` pattern (fnmatch on the whole
+    name or its last component; default: the model's declared `quant_skip`, an engine.dit seam)
+    for the `mode` quantized linear.
 
     In place (returns the model). Weights are quantized on the device they live on. Raises at
-    once if the mode is unknown or cannot run on the model's device.
+    once if the mode is unknown or cannot run on the model's device, and (TypeError) if `skip` is
+    not given and the model declares no `quant_skip`.
     """
     if mode == "none":
         return model
+    skip = quant_skip_of(model) if skip is None else skip
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     check_quantization(mode, device)
     cls = QUANT_MODES[mode]
-    count = swap_modules(model, lambda name, m: type(m) is nn.Linear and not _skipped(name, skip), cls.from_linear)
+    count = swap_modules(model, lambda name, m: type(m) is nn.Linear and not skipped(name, skip), cls.from_linear)
     log.info("quantized %d linear layers to %s", count, mode)
     return model
 

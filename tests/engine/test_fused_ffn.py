@@ -1,4 +1,4 @@
-"""The feed-forwards with a fused GELU (engine.kernels.fused_ffn): the quantized one (GELU fused
+"""The feed-forwards with a fused GELU (engine.kernels.fused_ffn, on Wan's FeedForward): the quantized one (GELU fused
 into the hidden activations' quantization) and the 16-bit one (GELU in the first GEMM's epilogue):
 which modules each takes, that they keep the state dict and fall back to the original math off
 CUDA; on a GPU, that they are as accurate as the unfused feed-forwards, eagerly and under
@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from engine.kernels.fused_ffn import GeluFeedForward, QuantFeedForward, fusable, fuse_ffn, gelu_fusable
-from engine.models.wan.transformer import FeedForward
+from engine.models.wan.transformer import FeedForward, WanTransformer
 from engine.quant import FP8Linear, Int8Linear, quantize_model
 
 torch.set_num_threads(1)
+FFN = (FeedForward,)  # what WanTransformer's fusions declare
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,7 +28,7 @@ def quantized_ffn(mode: str, approximate: str = "tanh", device: str = "cpu", dim
     model = nn.Sequential(FeedForward(dim, hidden, dim, approximate)).to(device)
     if device == "cuda":
         model = model.to(torch.bfloat16)
-    return quantize_model(model, mode)
+    return quantize_model(model, mode, skip=())
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
@@ -43,7 +44,21 @@ def test_fusable_takes_only_tanh_feed_forwards_over_one_quantized_class(mode):
 
 def test_fuse_ffn_does_nothing_off_cuda():
     model = quantized_ffn("int8")
-    assert fuse_ffn(model) == 0 and type(model[0]) is FeedForward
+    assert fuse_ffn(model, FFN) == 0 and type(model[0]) is FeedForward
+
+
+def test_fusable_reads_the_diffusers_layout_not_a_class():
+    """The kernel side knows no model class: any module with diffusers' feed-forward layout
+    qualifies (the family's declaration picks which classes are swapped)."""
+    class Other(nn.Module):
+        def __init__(self, ff):
+            super().__init__()
+            self.net = ff.net
+
+    assert fusable(Other(quantized_ffn("int8")[0]))
+    assert gelu_fusable(Other(FeedForward(64, 200, 64, "tanh").to(torch.bfloat16)))
+    assert not fusable(nn.Linear(4, 4)) and not gelu_fusable(nn.Sequential(nn.Linear(4, 4)))
+    assert WanTransformer.fusions().feed_forwards == FFN
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
@@ -76,7 +91,7 @@ def test_gelu_feed_forward_keeps_the_state_dict_and_the_cpu_math():
     fused = GeluFeedForward(model[0])
     assert fused.state_dict().keys() == model[0].state_dict().keys()
     assert torch.equal(fused(x), ref)                 # off CUDA: the original math
-    assert fuse_ffn(model) == 0 and type(model[0]) is FeedForward
+    assert fuse_ffn(model, FFN) == 0 and type(model[0]) is FeedForward
 
 
 @pytest.mark.gpu
@@ -94,7 +109,7 @@ def test_gelu_feed_forward_cuda_no_less_accurate_than_unfused():
         h32 = torch.nn.functional.gelu(x.float() @ proj.weight.float().t() + proj.bias.float(), approximate="tanh")
         ref32 = h32 @ out_lin.weight.float().t() + out_lin.bias.float()
         unfused = model(x)
-        assert fuse_ffn(model) == 1 and type(model[0]) is GeluFeedForward
+        assert fuse_ffn(model, FFN) == 1 and type(model[0]) is GeluFeedForward
         out = model(x)
         compiled = torch.compile(model)(x)
     assert out.shape == unfused.shape and out.dtype == unfused.dtype

@@ -225,7 +225,7 @@ def test_optimize_transformer_refuses_at_start_up():
     from engine.options import EngineOptions
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 16))
-    with pytest.raises(ValueError, match="no `blocks`"):
+    with pytest.raises(TypeError, match="Sequential does not declare `repeated_blocks`"):
         compile_blocks(model)
     with pytest.raises(ValueError, match="sage_int8"):
         optimize_transformer(model, EngineOptions(attention="sage_int8"))

@@ -1,5 +1,6 @@
-"""Fused attention projections (engine.kernels.fused_attention): the module swap keeps the
-model's outputs (float32, CPU), keeps the attention cores, and composes with quantization."""
+"""Fused attention projections (the Wan swaps of engine/models/wan/fusions.py on engine.kernels'
+generic pieces): the module swap keeps the model's outputs (float32, CPU), keeps the attention
+cores, and composes with quantization."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +8,9 @@ import copy
 import pytest
 import torch
 
-from engine.kernels.fused_attention import FusedCrossAttention, FusedSelfAttention, fuse_attention
+from engine.dit import Fusions
+from engine.kernels import fuse_modules
+from engine.models.wan.fusions import DIT_FUSIONS, FusedCrossAttention, FusedSelfAttention
 from engine.models.wan.transformer import WanDiTConfig, WanTransformer, apply_rope
 
 torch.set_num_threads(1)
@@ -42,7 +45,7 @@ def test_fused_model_matches_original_float32(image):
     model = tiny(image)
     fused = copy.deepcopy(model)
     cores = [b.attn1.core for b in fused.blocks]
-    assert fuse_attention(fused) == 2 * len(fused.blocks)
+    assert fuse_modules(fused) == 2 * len(fused.blocks)  # the model's declared fusions
     assert all(type(b.attn1) is FusedSelfAttention and type(b.attn2) is FusedCrossAttention for b in fused.blocks)
     assert [b.attn1.core for b in fused.blocks] == cores           # the backend / Ulysses seam is kept
     with torch.no_grad():
@@ -81,7 +84,7 @@ def test_fused_then_quantized_matches_quantized(mode):
 
     model = tiny()
     fused = copy.deepcopy(model)
-    fuse_attention(fused)
+    fuse_modules(fused)
     quantize_model(model, mode)
     quantize_model(fused, mode)
     assert type(fused.blocks[0].attn1.to_qkv).__name__.endswith("Linear")
@@ -112,7 +115,7 @@ def test_fused_model_on_cuda_bf16():
     pytest.importorskip("triton")
     model = tiny().to("cuda", torch.bfloat16)
     fused = copy.deepcopy(model)
-    fuse_attention(fused)
+    fuse_modules(fused)
     x, t, ctx, _ = inputs()
     args = (x.to("cuda", torch.bfloat16), t.cuda(), ctx.to("cuda", torch.bfloat16))
     with torch.no_grad():
@@ -120,14 +123,12 @@ def test_fused_model_on_cuda_bf16():
     assert rel(out.float(), ref.float()) < 2e-2
 
 
-def test_fuse_attention_frees_each_original_as_it_goes(monkeypatch):
+def test_fuse_modules_frees_each_original_as_it_goes():
     """The separate q/k/v projections of module k are freed before module k+1 is fused."""
     import weakref
 
-    from engine.kernels import fused_attention as fa
-
     model = tiny()
-    refs = [weakref.ref(m) for m in model.modules() if type(m) in fa.SWAPS]
+    refs = [weakref.ref(m) for m in model.modules() if type(m) in DIT_FUSIONS.swaps]
     alive: list[int] = []
 
     def spying(make):
@@ -136,16 +137,23 @@ def test_fuse_attention_frees_each_original_as_it_goes(monkeypatch):
             return make(module)
         return swap
 
-    monkeypatch.setattr(fa, "SWAPS", {k: spying(v) for k, v in fa.SWAPS.items()})
-    assert fuse_attention(model) == len(refs) == 4
+    spied = Fusions(swaps={k: spying(v) for k, v in DIT_FUSIONS.swaps.items()})
+    assert fuse_modules(model, spied) == len(refs) == 4
     assert alive == [4, 3, 2, 1]
 
 
+def test_wan_transformer_declares_its_fusions():
+    from engine.dit import fusions_of
+
+    assert fusions_of(WanTransformer) is DIT_FUSIONS is WanTransformer.fusions()
+    assert fuse_modules(tiny(), Fusions()) == 0  # an explicit empty declaration swaps nothing
+
+
 def test_fused_linear_keeps_a_bias_that_only_some_projections_have():
-    from engine.kernels.fused_attention import _fused_linear
+    from engine.kernels.fused_attention import concat_linears
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(8, 4, bias=True), torch.nn.Linear(8, 6, bias=False)
     x = torch.randn(3, 8)
-    fused = _fused_linear(a, b)
+    fused = concat_linears(a, b)
     assert torch.allclose(fused(x), torch.cat([a(x), b(x)], dim=-1), atol=1e-6)

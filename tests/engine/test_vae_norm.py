@@ -1,6 +1,7 @@
 """The VAE's fused RMS norm (+ SiLU): the Triton kernel under TRITON_INTERPRET=1 against the eager
-RMSNorm (CPU, one child process), and the module swap (`fuse_vae_norms`): same state dict, and on
-CPU (the eager fallback) the same decode and encode, bit for bit. On a GPU: the kernel itself."""
+RMSNorm (CPU, one child process), and the module swap (`VAE_FUSIONS` of
+engine/models/wan/fusions.py): same state dict, and on CPU (the eager fallback) the same decode and
+encode, bit for bit. On a GPU: the kernel itself."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.apply import FusedRMSNorm, fuse_vae_norms
+from engine.kernels import fuse_modules
+from engine.models.wan.fusions import VAE_FUSIONS, FusedRMSNorm
 from engine.models.wan.vae import RMSNorm, WanVAE, WanVAEConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -147,7 +149,7 @@ def test_swap_keeps_parameters_and_flags():
     vae = tiny_vae()
     before = vae.state_dict()
     norms = {name: (m.silu, m.gamma) for name, m in vae.named_modules() if isinstance(m, RMSNorm)}
-    assert fuse_vae_norms(vae) == len(norms) > 0
+    assert fuse_modules(vae, VAE_FUSIONS) == len(norms) > 0
     after = vae.state_dict()
     assert list(after) == list(before)
     assert all(after[k] is before[k] or after[k].data_ptr() == before[k].data_ptr() for k in before)
@@ -156,7 +158,7 @@ def test_swap_keeps_parameters_and_flags():
         assert type(m) is FusedRMSNorm and m.silu == silu and m.gamma is gamma
     assert vae.get_submodule("decoder.up_blocks.0.resnets.0.norm1").silu
     assert not vae.get_submodule("decoder.mid_block.attentions.0.norm").silu
-    assert fuse_vae_norms(vae) == 0  # already swapped
+    assert fuse_modules(vae, VAE_FUSIONS) == 0  # already swapped
     vae.load_state_dict(before, strict=True)
 
 
@@ -167,7 +169,7 @@ def test_swapped_vae_equals_original_on_cpu(channels_last):
     if channels_last:
         vae.to_channels_last()
     fused = copy.deepcopy(vae)
-    fuse_vae_norms(fused)
+    fuse_modules(fused, VAE_FUSIONS)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 4, 3, 4, 6, generator=g)
     video = torch.rand(1, 3, 5, 16, 16, generator=g) * 2 - 1
@@ -227,6 +229,6 @@ def test_fused_vae_decode_cuda_bf16():
     pytest.importorskip("triton")
     vae = tiny_vae().to("cuda", torch.bfloat16).to_channels_last()
     fused = copy.deepcopy(vae)
-    fuse_vae_norms(fused)
+    fuse_modules(fused, VAE_FUSIONS)
     latents = torch.randn(1, 4, 3, 8, 12, device="cuda")
     assert rel(fused.decode(latents), vae.decode(latents)) < 1e-2

@@ -283,19 +283,19 @@ def test_every_attention_goes_through_a_core():
 
 
 class PermutingSequence(SequenceHooks):
-    """Stands in for a sharding seam: reorders tokens (and their rope rows) before the blocks and
-    restores the order after. The output must not change, which shows that everything between
-    split and gather is per-token (modulation, rope) or order-free (attention)."""
+    """Stands in for a sharding seam: reorders tokens (and every tensor aligned with them: rope
+    rows, per-token modulation) before the blocks and restores the order after. The output must
+    not change, which shows that everything between split and gather is per-token (modulation,
+    rope) or order-free (attention)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
         self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
         self.seen: list[tuple[int, ...]] = []
 
-    def split(self, x, rope):
-        cos, sin = rope
-        self.seen += [tuple(x.shape), tuple(cos.shape), tuple(sin.shape)]
-        return x[:, self.perm], (cos[:, self.perm], sin[:, self.perm])
+    def split(self, x, *aligned):
+        self.seen += [tuple(x.shape)] + [tuple(t.shape) for t in aligned]
+        return (x[:, self.perm], *(t if t.shape[1] == 1 else t[:, self.perm] for t in aligned))
 
     def gather(self, x):
         return x[:, torch.argsort(self.perm)]
@@ -309,8 +309,23 @@ def test_sequence_hooks_seam():
         expected = model(x, t, ctx)
         model.sequence = PermutingSequence(45)
         got = model(x, t, ctx)
-    assert model.sequence.seen == [(2, 45, 32), (1, 45, 1, 8), (1, 45, 1, 8)]
+    # tokens, rope cos and sin, per-sample modulation (one row shared by all tokens)
+    assert model.sequence.seen == [(2, 45, 32), (1, 45, 1, 8), (1, 45, 1, 8), (2, 1, 6, 32)]
     assert rel_err(got, expected) < 1e-5
+
+
+def test_declared_seams():
+    """The engine.dit seams resolve on the model (shared code reads nothing else)."""
+    from engine import dit
+
+    model = make_ours(make_reference(TINY_I2V))
+    dit.check_dit(model)
+    assert isinstance(model, dit.DiT)
+    assert dit.blocks_of(model) is model.blocks and dit.num_heads(model) == 2
+    assert dit.sequence_hooks_of(model) is model.sequence
+    slots = dit.sequence_attention_slots(model)
+    assert [(owner, name) for owner, name in slots] == [(b.attn1, "core") for b in model.blocks]
+    assert dit.keeps_fp32(model, "blocks.0.norm2.weight") and not dit.keeps_fp32(model, "blocks.0.attn1.to_q.weight")
 
 
 # ----------------------------------------------------------------------------------------------

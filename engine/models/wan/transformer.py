@@ -1,8 +1,11 @@
-"""Wan2.1 diffusion transformer (T2V 1.3B / 14B, I2V 14B).
+"""Wan DiT: Wan2.1 (T2V 1.3B / 14B, I2V 14B) and Wan2.2 (A14B experts, TI2V-5B).
 
 A re-implementation of diffusers 0.42.1 `WanTransformer3DModel` with the same parameter names, so a
 diffusers state dict loads with `strict=True` and no key map (the official release layout goes
-through `keymap_dit.official_to_diffusers`).
+through `keymap_dit.official_to_diffusers`). Wan2.2 adds no layer: the A14B experts are two
+Wan2.1-14B-shaped models (I2V with 36 input channels and no CLIP branch), TI2V-5B has 48 latent
+channels and takes one timestep per token (diffusers' `expand_timesteps`: the clean first frame
+of image-to-video is at t = 0).
 
 Shape letters: B batch, C channels, F/H/W latent frames/height/width, L tokens (F' * H' * W'
 after patching), D model width (heads * head_dim), H heads, Dh head dim, L_txt text tokens,
@@ -17,23 +20,28 @@ Meta-device builds: the model has *no buffers*. The rotary frequencies are compu
 WanTransformer(cfg)` followed by `load_state_dict(sd, assign=True)` gives a complete model and no
 `reset_buffers()` step is needed.
 
-Seams used from outside (parallelism, kernels), never flags inside the model:
-- `model.sequence` (`SequenceHooks`): `split(x, rope)` before the blocks, `gather(x)` before the
-  output head; identity here, a Ulysses version shards the token axis (dim 1) of both.
-- `block.attn1.core` / `block.attn2.core` (`engine.attention.AttentionCore`): the attention call
-  on (B, L, H, Dh) tensors; `set_attention_backend` or a module swap changes it.
+Seams for outside code (engine.dit, declared on `WanTransformer`), never flags inside the model:
+`repeated_blocks` ("blocks"), `sequence_hooks` ("sequence": `split` the tokens and what is aligned
+with them before the blocks, `gather` before the head; identity here, Ulysses shards the token
+axis), `sequence_attention` (each block's `attn1.core`, an `engine.attention.AttentionCore`),
+`keep_in_fp32`, `quant_skip`, and `fusions()` (engine/models/wan/fusions.py: the fused-kernel
+module swaps).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.attention import AttentionCore
+from engine.dit import SequenceHooks, keeps_fp32
+
+if TYPE_CHECKING:
+    from engine.dit import Fusions
 
 Rope = tuple[Tensor, Tensor]
 """Rotary tables (cos, sin), each (1, L, 1, Dh // 2) float32: one angle per (token, channel pair).
@@ -286,11 +294,14 @@ class ConditionEmbedder(nn.Module):
     def forward(
         self, timestep: Tensor, context: Tensor, image_context: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        # 1. timestep -> temb (B, D) for the head, and 6 modulation vectors (B, 6 * D) for the blocks
-        t_freq = timestep_embedding(timestep, self.freq_dim)  # (B, freq_dim) float32
+        """timestep (B,) or per token (B, L); returns temb (B, [L,] D), timestep_proj (B, [L,] 6 * D),
+        context (B, L_txt, D), image_context (B, L_img, D) or None."""
+        # 1. timestep -> temb for the head, and 6 modulation vectors for the blocks (per token:
+        #    every token's timestep embedded, as diffusers' 2-D case)
+        t_freq = timestep_embedding(timestep.flatten(), self.freq_dim).unflatten(0, timestep.shape)  # (B, [L,] freq_dim) float32
         t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)  # float32 when kept in fp32
-        temb = self.time_embedder(t_freq).type_as(context)  # (B, D)
-        timestep_proj = self.time_proj(F.silu(temb))  # (B, 6 * D)
+        temb = self.time_embedder(t_freq).type_as(context)  # (B, [L,] D)
+        timestep_proj = self.time_proj(F.silu(temb))  # (B, [L,] 6 * D)
         # 2. text and image tokens to the model width
         context = self.text_embedder(context)  # (B, L_txt, D)
         if image_context is not None:
@@ -424,7 +435,7 @@ class WanCrossAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Block, sequence seam, model
+# Block, model
 
 
 class WanBlock(nn.Module):
@@ -441,10 +452,12 @@ class WanBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, context: Tensor, image_context: Tensor | None, timestep_proj: Tensor,
+    def forward(self, x: Tensor, context: Tensor, image_context: Tensor | None, modulation: Tensor,
                 rope: Rope) -> Tensor:
-        # 0. modulation, in float32: (B, 6, D) -> six (B, 1, D)
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1)
+        """x (B, L, D); modulation (B, 1, 6, D) float32, one row for all tokens, or (B, L, 6, D)
+        per token (aligned with x's tokens)."""
+        # 0. modulation, in float32: six (B, 1 | L, D)
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + modulation).unbind(2)
 
         # 1. self-attention on the modulated norm, gated residual in float32
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)  # (B, L, D)
@@ -460,25 +473,26 @@ class WanBlock(nn.Module):
         return x  # (B, L, D)
 
 
-class SequenceHooks(nn.Module):
-    """Identity seam around the blocks; sequence parallelism swaps in a version that shards.
-
-    `split(x, rope)`: x (B, L, D) and rope (cos, sin) (1, L, 1, Dh // 2) -> this rank's slices of
-    both (token axis dim 1). `gather(x)`: this rank's (B, L_local, D) -> the full (B, L, D).
-    """
-
-    def split(self, x: Tensor, rope: Rope) -> tuple[Tensor, Rope]:
-        return x, rope
-
-    def gather(self, x: Tensor) -> Tensor:
-        return x
-
-
 class WanTransformer(nn.Module):
-    """Wan2.1 DiT: latents + timestep + text (+ image) tokens -> flow-matching velocity."""
+    """Wan DiT: latents + timestep(s) + text (+ image) tokens -> flow-matching velocity."""
 
-    keep_in_fp32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    repeated_blocks: ClassVar[str] = "blocks"
+    """engine.dit seam: the nn.ModuleList of `WanBlock`s."""
+    sequence_hooks: ClassVar[str] = "sequence"
+    """engine.dit seam: the `SequenceHooks` around the blocks."""
+    sequence_attention: ClassVar[tuple[str, ...]] = ("attn1.core",)
+    """engine.dit seam: the self-attention core of each block (cross-attention attends to text and
+    image tokens that every rank holds whole)."""
+    keep_in_fp32: ClassVar[tuple[str, ...]] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
     """Parameter-name components kept float32 when the model runs in bf16/fp16 (as diffusers)."""
+    quant_skip: ClassVar[tuple[str, ...]] = (
+        "condition_embedder*",   # time / text / image embedders
+        "proj_out",              # output head
+        "patch_embedding",       # (a Conv3d anyway)
+        "*norm*",                # norms (and anything named like one)
+        "*scale_shift_table*",   # modulation
+    )
+    """Linear layers engine.quant keeps in high precision (fnmatch on the module name)."""
 
     def __init__(self, config: WanDiTConfig) -> None:
         super().__init__()
@@ -497,38 +511,47 @@ class WanTransformer(nn.Module):
     def keeps_fp32(cls, param_name: str) -> bool:
         """Whether a parameter stays float32 in a low-precision model (diffusers' rule: a
         component of the dotted name is in `keep_in_fp32`)."""
-        from engine.loading import keeps_fp32
+        return keeps_fp32(cls, param_name)
 
-        return keeps_fp32(param_name, cls.keep_in_fp32)
+    @classmethod
+    def fusions(cls) -> "Fusions":
+        """engine.dit seam: the fused-kernel module swaps for this model (engine.kernels applies them)."""
+        from engine.models.wan.fusions import DIT_FUSIONS
+
+        return DIT_FUSIONS
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, image_context: Tensor | None = None) -> Tensor:
-        """x (B, C_in, F, H, W); timestep (B,) in [0, 1000]; context (B, L_txt, text_dim);
-        image_context (B, L_img, image_dim) for I2V models, else None. Returns (B, C_out, F, H, W)."""
+        """x (B, C_in, F, H, W); timestep in [0, 1000]: (B,) one per sample (or one value for all),
+        or (B, L) one per token (L = F' * H' * W' in (f, h, w) order; Wan2.2 TI2V, see
+        `frame_timesteps`); context (B, L_txt, text_dim); image_context (B, L_img, image_dim) for
+        I2V models with a CLIP branch, else None. Returns (B, C_out, F, H, W)."""
         cfg = self.config
         grid = self._token_grid(x.shape)  # (F', H', W')
         b, _, f, h, w = x.shape
         self._check_image_context(image_context)
+        timestep = self._check_timestep(timestep, b, math.prod(grid))  # (B,) or (B, L)
         dtype = self.patch_embedding.weight.dtype
-        timestep = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep  # (B,)
 
         # 1. patchify: (B, C_in, F, H, W) -> (B, L, D) tokens in (f, h, w) order, and their rope
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
         rope = rope_3d(grid, cfg.attention_head_dim, x.device)  # (1, L, 1, Dh // 2) x 2
 
-        # 2. conditioning: temb (B, D), timestep_proj (B, 6, D), text (B, L_txt, D), image (B, L_img, D)
+        # 2. conditioning: temb and modulation per sample or per token, text (B, L_txt, D), image (B, L_img, D)
         context = context.to(dtype)
         image_context = image_context.to(dtype) if image_context is not None else None
         temb, timestep_proj, context, image_context = self.condition_embedder(timestep, context, image_context)
-        timestep_proj = timestep_proj.unflatten(1, (6, -1)).float()  # (B, 6, D), float32 once for all blocks
+        modulation = timestep_proj.unflatten(-1, (6, -1)).float()  # (B, [L,] 6, D), float32 once for all blocks
+        if timestep.dim() == 1:  # one row shared by all tokens: (B, 1, D), (B, 1, 6, D)
+            temb, modulation = temb.unsqueeze(1), modulation.unsqueeze(1)
 
-        # 3. blocks, on this rank's share of the tokens
-        tokens, rope = self.sequence.split(tokens, rope)  # (B, L_local, D)
+        # 3. blocks, on this rank's share of the tokens (and of the per-token modulation)
+        tokens, cos, sin, modulation = self.sequence.split(tokens, *rope, modulation)  # (B, L_local, D), ...
         for block in self.blocks:
-            tokens = block(tokens, context, image_context, timestep_proj, rope)
+            tokens = block(tokens, context, image_context, modulation, (cos, sin))
         tokens = self.sequence.gather(tokens)  # (B, L, D)
 
         # 4. output head: modulated norm (float32) and projection to patch pixels
-        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D) each
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (B, 1 | L, D) each
         tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         out = self.proj_out(tokens)  # (B, L, pt * ph * pw * C_out)
 
@@ -537,6 +560,10 @@ class WanTransformer(nn.Module):
         out = out.reshape(b, *grid, pt, ph, pw, -1)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C_out, F', pt, H', ph, W', pw)
         return out.reshape(b, -1, f, h, w)
+
+    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """(F', H', W') of latents shaped (..., C_in, F, H, W) or (C_in, F, H, W)."""
+        return self._token_grid(torch.Size((1, *latent_shape[-4:])))
 
     def _token_grid(self, shape: torch.Size) -> tuple[int, int, int]:
         """(F', H', W') of the patched latents; refuses sizes the patch does not divide."""
@@ -552,9 +579,36 @@ class WanTransformer(nn.Module):
             grid.append(size // p)
         return grid[0], grid[1], grid[2]
 
+    @staticmethod
+    def _check_timestep(timestep: Tensor, batch: int, tokens: int) -> Tensor:
+        """(B,) or one value -> (B,); (B, L) or (1, L) -> (B, L); anything else refused."""
+        if timestep.dim() == 2:
+            if timestep.shape[1] != tokens or timestep.shape[0] not in (1, batch):
+                raise ValueError(f"a per-token timestep must be (B={batch}, L={tokens}) (one per patched "
+                                 f"latent token), got {tuple(timestep.shape)}")
+            return timestep.expand(batch, tokens)
+        if timestep.numel() == 1:
+            return timestep.reshape(-1).expand(batch)
+        if timestep.dim() != 1 or timestep.shape[0] != batch:
+            raise ValueError(f"timestep must be (B={batch},) one per sample, or (B, L={tokens}) one per "
+                             f"token, got {tuple(timestep.shape)}")
+        return timestep
+
     def _check_image_context(self, image_context: Tensor | None) -> None:
         if self.config.has_image_branch and image_context is None:
             raise ValueError("this Wan model has an image branch (image_dim is set): image_context "
                              f"(B, L_img, {self.config.image_dim}) is required")
         if not self.config.has_image_branch and image_context is not None:
             raise ValueError("this Wan model has no image branch (image_dim is None): image_context must be None")
+
+
+def frame_timesteps(timestep: Tensor, grid: tuple[int, int, int], clean_frames: int = 1) -> Tensor:
+    """Per-token timesteps of Wan2.2 TI2V image-to-video: the tokens of the first `clean_frames`
+    patched latent frames at t = 0 (the image's latents, kept clean), every other token at its
+    sample's t. timestep (B,) -> (B, F' * H' * W'), tokens in (f, h, w) order. Equals diffusers'
+    `(mask[0][0][:, ::2, ::2] * t).flatten()` with mask 0 on latent frame 0 (temporal patch 1).
+    `clean_frames=0` gives every token t (text-to-video: the same output as passing (B,))."""
+    f, h, w = grid
+    mask = torch.ones(f, h * w, dtype=timestep.dtype, device=timestep.device)
+    mask[:clean_frames] = 0
+    return (timestep.reshape(-1, 1, 1) * mask).flatten(1)  # (B, F' * H' * W')
