@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from engine.models.wan.vae import WanVAE, blend, decode_tile, plan_tiles
+from engine.models.wan.vae import VIDEO_CHANNELS, WanVAE, blend, decode_tile, plan_tiles
 from engine.parallel.mesh import SubGroup
 
 
@@ -26,8 +26,9 @@ def split_decode(vae: WanVAE, latents: Tensor, group: SubGroup, tile_latent: tup
                  overlap_latent: tuple[int, int] = (8, 8), dst: int = 0) -> Tensor | None:
     """Decode normalised latents (B, z, F, h, w) over the ranks of `group`.
 
-    Returns the video (B, 3, F', 8h, 8w), clamped to [-1, 1], on group rank `dst`; None on the
-    other ranks. A group of one is the single-rank tiled decode.
+    Returns the video (B, 3, F', s h, s w) (s = `vae.config.spatial_scale`: 8, Wan2.2 16), clamped
+    to [-1, 1], on group rank `dst`; None on the other ranks. A group of one is the single-rank
+    tiled decode.
     """
     latent_hw = (latents.shape[-2], latents.shape[-1])
     regions = plan_tiles(latent_hw, tile_latent, overlap_latent)
@@ -35,7 +36,7 @@ def split_decode(vae: WanVAE, latents: Tensor, group: SubGroup, tile_latent: tup
 
     # 1. This rank's tiles (round robin), decoded.
     mine = list(range(group.rank, len(regions), group.size))
-    pieces = [decode_tile(vae, latents, regions[i]) for i in mine]     # each (B, 3, F', 8 th, 8 tw)
+    pieces = [decode_tile(vae, latents, regions[i]) for i in mine]     # each (B, 3, F', s th, s tw)
     if group.size == 1:
         return blend(list(zip((regions[i] for i in mine), pieces)), latent_hw, scale)
 
@@ -61,4 +62,4 @@ def _tile_shape(vae: WanVAE, latents: Tensor, region) -> tuple[int, ...]:
     b, _, f = latents.shape[:3]
     frames = (f - 1) * vae.config.temporal_scale + 1
     s = vae.config.spatial_scale
-    return (b, vae.config.out_channels, frames, (region.h1 - region.h0) * s, (region.w1 - region.w0) * s)
+    return (b, VIDEO_CHANNELS, frames, (region.h1 - region.h0) * s, (region.w1 - region.w0) * s)

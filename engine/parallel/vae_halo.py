@@ -8,8 +8,9 @@ it, so the result equals `WanVAE.decode` up to float rounding.
 
 Split: the latent height h is cut into contiguous row stripes, one per rank, in rank order
 (sizes differ by at most one: rank r gets h // n rows, plus one if r < h % n; every rank needs
-at least one row). A stripe of r latent rows is 2r, 4r, 8r rows after each 2x upsampling, so
-the stripe boundaries simply scale with the resolution. Width and time are not split.
+at least one row). A stripe of r latent rows is 2r, 4r, 8r rows after each 2x upsampling (and
+16r pixel rows after the Wan2.2 VAE's 2x2 unpatchify), so the stripe boundaries simply scale with
+the resolution. Width and time are not split.
 
 What is exchanged, per decoded latent frame (the VAE decodes one latent frame at a time; a
 frame is 1 pixel frame for the first latent frame, then 4), in the decoder of `WanVAE`:
@@ -29,7 +30,9 @@ frame is 1 pixel frame for the first latent frame, then 4), in the decoder of `W
   * at the end, the decoded pixel stripes (padded to the largest stripe) are gathered on `dst`.
 
 Per-pixel operators (RMS norms, SiLU, 1x1 shortcuts, the temporal (3, 1, 1) convs of the 3-D
-upsamplers, the time interleave) run on the local stripe with no communication.
+upsamplers, the time interleave) run on the local stripe with no communication; so do the Wan2.2
+VAE's `DupUp3d` shortcuts (each row becomes two, like the nearest upsampling) and its final
+unpatchify (each row becomes two pixel rows).
 
 Communication per latent frame (4 pixel frames after the first): for each of the decoder's 33
 row-spanning convs, one row of its input (C_k channels x W_k pixels x the chunk's frames T_k) to
@@ -46,7 +49,7 @@ Each halo adds one copy of the conv input (the plain VAE pads inside the conv); 
 (`WanVAE.to_channels_last`) is kept.
 
     video = halo_split_decode(vae, latents, group)   # same latents on every rank of `group`
-    # -> (B, 3, F', 8h, 8w) clamped to [-1, 1] on group rank 0, None on the others
+    # -> (B, 3, F', s h, s w) clamped to [-1, 1] on group rank 0, None on the others
 """
 from __future__ import annotations
 
@@ -98,7 +101,8 @@ class RowStripes:
         return sum(self.rows[: self.group.rank])
 
     def _factor(self, x: Tensor) -> int:
-        """Resolution of `x` relative to the latent (1, 2, 4, 8), from its local height."""
+        """Resolution of `x` relative to the latent (1, 2, 4, 8; 16 for Wan2.2 pixels), from its
+        local height."""
         mine = self.rows[self.group.rank]
         factor, rest = divmod(x.shape[-2], mine)
         if rest:
@@ -292,7 +296,8 @@ def halo_split_decode(vae: WanVAE, latents: Tensor, group: SubGroup, dst: int = 
 
     Every rank passes the same latents and decodes its own stripe of latent rows, exchanging
     halo rows and the attention's keys/values with the others. Returns the video
-    (B, 3, 4(F - 1) + 1, 8h, 8w), clamped to [-1, 1], on group rank `dst`; None on the others.
+    (B, 3, 4(F - 1) + 1, s h, s w) (s = `vae.config.spatial_scale`: 8, Wan2.2 16), clamped to
+    [-1, 1], on group rank `dst`; None on the others.
     A group of one needs no torch.distributed (it runs the same layers with zero halos).
     """
     if not 0 <= dst < group.size:
@@ -302,6 +307,6 @@ def halo_split_decode(vae: WanVAE, latents: Tensor, group: SubGroup, dst: int = 
     stripes = RowStripes(group, stripe_rows(latents.shape[-2], group.size))
     # 1. this rank's latent rows, decoded by the halo view of the VAE (clamping is per pixel)
     mine = latents[..., stripes.start:stripes.start + stripes.rows[group.rank], :]
-    pixels = halo_vae_view(vae, stripes).decode_whole(mine)  # (B, 3, F', 8 rows, 8w)
+    pixels = halo_vae_view(vae, stripes).decode_whole(mine)  # (B, 3, F', s rows, s w)
     # 2. the stripes, in rank order, on dst
     return stripes.gather_rows(pixels, dst)

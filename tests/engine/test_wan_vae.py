@@ -152,14 +152,17 @@ def test_config_from_dict_ignores_unknown_and_round_trips():
     assert diffusers.AutoencoderKLWan.from_config(config.to_dict()).config.z_dim == 4
 
 
-def test_wan22_config_is_parsed_but_refused_clearly():
+def test_wan22_config_is_parsed_and_inconsistent_ones_refused_clearly():
+    """(The Wan2.2 VAE itself is tested in tests/engine/models/wan/test_vae22.py.)"""
     wan22 = {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "is_residual": True,
              "patch_size": 2, "scale_factor_spatial": 16, "in_channels": 12, "out_channels": 12,
              "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48, "temperal_downsample": [False, True, True]}
     config = WanVAEConfig.from_dict(wan22)
-    assert config.is_residual and config.patch_size == 2
-    with pytest.raises(NotImplementedError, match="is_residual=True.*Wan2.2"):
-        WanVAE(config)
+    assert config.is_residual and config.patch_size == 2 and config.spatial_scale == 16
+    with pytest.raises(ValueError, match="in_channels and out_channels must be 3 \\* patch_size\\*\\*2 = 12"):
+        WanVAE(WanVAEConfig.from_dict({**wan22, "in_channels": 3}))
+    with pytest.raises(ValueError, match="scale_factor_spatial=8 contradicts"):
+        WanVAE(WanVAEConfig.from_dict({**wan22, "scale_factor_spatial": 8}))
 
 
 def test_config_validates_lengths():

@@ -1,8 +1,15 @@
-"""The Wan2.1 video VAE: causal 3-D convolutions, decoded chunk by chunk with a feature cache.
+"""The Wan video VAEs: causal 3-D convolutions, decoded chunk by chunk with a feature cache.
 
-A re-implementation of diffusers' `AutoencoderKLWan` (0.42.1) for the Wan2.1 design
-(base_dim 96, z_dim 16, compression 4x8x8), with the SAME parameter keys, so a diffusers
-`vae/` folder loads with no key map (the official `Wan2.1_VAE.pth` goes through keymap_vae.py).
+A re-implementation of diffusers' `AutoencoderKLWan` (0.42.1) with the SAME parameter keys, so a
+diffusers `vae/` folder loads with no key map (the official `.pth` files go through keymap_vae.py).
+One module family, two designs, chosen by the config:
+  * Wan2.1 (every Wan2.1 model and Wan2.2 A14B): base_dim 96, z_dim 16, compression 4x8x8;
+  * Wan2.2 (TI2V-5B; `wan22_vae_config()`): base_dim 160, decoder_base_dim 256, z_dim 48,
+    compression 4x16x16. The pixels are patchified 2x2 into 12 channels before the encoder and
+    unpatchified after the decoder; each encoder / decoder level is one residual block group with
+    a parameter-free shortcut around it (`AvgDown3d`: channel-group averages of the space-time
+    neighbourhood; `DupUp3d`: the reverse, by duplication); the decoder's upsamplers keep the
+    channel count (Wan2.1's halve it).
 
 Time is causal: frame t only sees frames <= t. The encoder runs on frame 0 alone, then on
 4-frame chunks; the decoder on one latent frame at a time. Each causal layer remembers the
@@ -26,6 +33,7 @@ is at the bottom of this file.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Sequence
 
@@ -41,6 +49,26 @@ WAN21_LATENTS_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+"""Wan2.2 (TI2V-5B) VAE, 48 latent channels: official `Wan2_2_VAE` (wan/modules/vae2_2.py) =
+diffusers' `vae22_diffusers_config` (scripts/convert_wan_to_diffusers.py)."""
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+VIDEO_CHANNELS = 3
+"""RGB: the pixel channels of `encode`'s input and `decode`'s output (before patchifying)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,12 +78,14 @@ WAN21_LATENTS_STD = (
 
 @dataclass
 class WanVAEConfig:
-    """Field names equal diffusers' `AutoencoderKLWan` config.json keys."""
+    """Field names equal diffusers' `AutoencoderKLWan` config.json keys. The defaults are Wan2.1's;
+    `wan22_vae_config()` is Wan2.2's."""
 
     base_dim: int = 96
     """Channels of the first encoder level (x dim_mult per level)."""
     decoder_base_dim: int | None = None
-    """Wan2.2 only (decoder width); None means base_dim."""
+    """Channels of the decoder's last level (x dim_mult per level); None means base_dim.
+    Wan2.2: 256 (base_dim 160)."""
     z_dim: int = 16
     """Latent channels."""
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
@@ -72,13 +102,18 @@ class WanVAEConfig:
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
     """Per-channel std of the raw latents."""
     is_residual: bool = False
-    """Wan2.2 residual up/down blocks (not implemented)."""
+    """Wan2.2: each level is a `ResidualDownBlock` / `ResidualUpBlock` (parameter-free shortcuts
+    around the level; upsamplers keep the channel count)."""
     in_channels: int = 3
+    """Encoder input channels: 3 * patch**2 (Wan2.2: 12)."""
     out_channels: int = 3
+    """Decoder output channels: 3 * patch**2 (Wan2.2: 12)."""
     patch_size: int | None = None
-    """Wan2.2 pixel patchify (not implemented)."""
+    """Wan2.2: 2 (pixels patchified 2x2 into channels around the encoder / decoder); None: 1."""
     scale_factor_temporal: int | None = 4
+    """Informative (as in diffusers' pipelines); must equal `temporal_scale` when given."""
     scale_factor_spatial: int | None = 8
+    """Informative (as in diffusers' pipelines); must equal `spatial_scale` when given."""
 
     def __post_init__(self) -> None:
         self.dim_mult = tuple(int(m) for m in self.dim_mult)
@@ -106,26 +141,68 @@ class WanVAEConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def check_supported(self) -> None:
-        """Raise NotImplementedError for the Wan2.2 variant (and other options no Wan VAE uses)."""
-        if self.is_residual or self.patch_size is not None or self.decoder_base_dim not in (None, self.base_dim):
-            raise NotImplementedError(
-                f"WanVAE implements the Wan2.1 VAE only: is_residual={self.is_residual}, "
-                f"patch_size={self.patch_size}, decoder_base_dim={self.decoder_base_dim} is the Wan2.2 "
-                "residual/patchified VAE (allowed: is_residual=False, patch_size=None, "
-                "decoder_base_dim=None or base_dim)"
-            )
+        """Raise (naming the field and the allowed values) for options no Wan VAE uses or that
+        contradict each other. The residual shortcuts check their channel counts when built."""
         if self.attn_scales:
             raise NotImplementedError(f"attn_scales must be () (no Wan VAE uses it), got {self.attn_scales}")
+        if self.patch_size is not None and (not isinstance(self.patch_size, int) or self.patch_size < 1):
+            raise ValueError(f"patch_size must be None or a positive int (Wan2.2: 2), "
+                             f"got {self.patch_size!r}")
+        channels = VIDEO_CHANNELS * self.patch**2
+        if (self.in_channels, self.out_channels) != (channels, channels):
+            raise ValueError(
+                f"in_channels and out_channels must be {VIDEO_CHANNELS} * patch_size**2 = {channels} "
+                f"(RGB pixels patchified {self.patch}x{self.patch}), got in_channels={self.in_channels}, "
+                f"out_channels={self.out_channels}"
+            )
+        for name, value, expected in (
+            ("scale_factor_spatial", self.scale_factor_spatial, self.spatial_scale),
+            ("scale_factor_temporal", self.scale_factor_temporal, self.temporal_scale),
+        ):
+            if value is not None and value != expected:
+                raise ValueError(f"{name}={value} contradicts the layout (dim_mult, temperal_downsample, "
+                                 f"patch_size), which gives {expected}; allowed: {expected} or None")
+
+    @property
+    def patch(self) -> int:
+        """Pixel patch side (1 for Wan2.1, 2 for Wan2.2)."""
+        return self.patch_size or 1
+
+    @property
+    def decoder_dim(self) -> int:
+        """`decoder_base_dim`, or `base_dim` when unset."""
+        return self.decoder_base_dim if self.decoder_base_dim is not None else self.base_dim
 
     @property
     def temporal_scale(self) -> int:
-        """Pixel frames per latent frame (after the first): 4 for Wan2.1."""
+        """Pixel frames per latent frame (after the first): 4 for every Wan VAE."""
         return 2 ** sum(self.temperal_downsample)
 
     @property
     def spatial_scale(self) -> int:
-        """Pixels per latent pixel along H and W: 8 for Wan2.1."""
-        return 2 ** (len(self.dim_mult) - 1)
+        """Pixels per latent pixel along H and W: 8 for Wan2.1, 16 for Wan2.2."""
+        return 2 ** (len(self.dim_mult) - 1) * self.patch
+
+
+def wan22_vae_config() -> WanVAEConfig:
+    """The Wan2.2 TI2V-5B VAE (diffusers' `vae22_diffusers_config`, official `Wan2_2_VAE`)."""
+    return WanVAEConfig(
+        base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+        temperal_downsample=(False, True, True), latents_mean=WAN22_LATENTS_MEAN,
+        latents_std=WAN22_LATENTS_STD, is_residual=True, in_channels=12, out_channels=12,
+        patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+    )
+
+
+TINY_VAE22 = dict(base_dim=8, decoder_base_dim=12, num_res_blocks=1)
+"""What the built-in tiny Wan2.2 model (`tiny-wan2.2-ti2v`) changes in `wan22_vae_config()`:
+narrow levels and one residual block per level; the real z_dim 48 and latent statistics, patch 2,
+strides 4 x 16 x 16."""
+
+
+def tiny_vae22_config() -> WanVAEConfig:
+    """The tiny Wan2.2 VAE of `tiny-wan2.2-ti2v` (a new object each call)."""
+    return dataclasses.replace(wan22_vae_config(), **TINY_VAE22)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +420,70 @@ class Downsample3d(Downsample2d):
         return self.time_conv(torch.cat([past, x], dim=2))  # (B, C, T/2, H/2, W/2)
 
 
+class AvgDown3d(nn.Module):
+    """Wan2.2 encoder shortcut, parameter-free: space-time blocks folded into channels, averaged.
+
+    Each input pixel's (factor_t x factor_s x factor_s) neighbourhood is stacked into channels in
+    the order (c, dt, dh, dw); each output channel is the mean of `group` consecutive ones
+    (group = in_dim * factor / out_dim). A chunk whose frame count is not a multiple of factor_t
+    (the first chunk: 1 frame) gets zero frames in front, as diffusers and the official code.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        factor = factor_t * factor_s * factor_s
+        if (in_dim * factor) % out_dim:
+            raise ValueError(f"AvgDown3d: in_dim * factor_t * factor_s**2 = {in_dim} * {factor} must be "
+                             f"a multiple of out_dim = {out_dim} (check base_dim and dim_mult)")
+        self.out_dim, self.factor_t, self.factor_s = out_dim, factor_t, factor_s
+        self.group = in_dim * factor // out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C, T, H, W) -> (B, C_out, ceil(T / ft), H / fs, W / fs)
+        ft, fs = self.factor_t, self.factor_s
+        # 1. zero frames in front up to a multiple of factor_t
+        if x.shape[2] % ft:
+            x = F.pad(x, (0, 0, 0, 0, ft - x.shape[2] % ft, 0))
+        b, c, t, h, w = x.shape
+        # 2. (B, C, T', ft, H', fs, W', fs) -> (B, C, ft, fs, fs, T', H', W') -> (B, C_out, group, ...)
+        x = x.reshape(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        x = x.reshape(b, self.out_dim, self.group, t // ft, h // fs, w // fs)
+        # 3. the mean of each group
+        return x.mean(dim=2)
+
+
+class DupUp3d(nn.Module):
+    """Wan2.2 decoder shortcut, parameter-free: channels duplicated, then unfolded into space-time.
+
+    The reverse of `AvgDown3d`: each input channel is repeated `repeats` times (repeats =
+    out_dim * factor / in_dim); the result's channels (c, dt, dh, dw) become a (factor_t x factor_s
+    x factor_s) block of output pixels. On the first chunk of a decode (the first latent frame) the
+    first factor_t - 1 output frames are dropped, as the causal upsampler emits one frame there.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        factor = factor_t * factor_s * factor_s
+        if (out_dim * factor) % in_dim:
+            raise ValueError(f"DupUp3d: out_dim * factor_t * factor_s**2 = {out_dim} * {factor} must be "
+                             f"a multiple of in_dim = {in_dim} (check decoder_base_dim and dim_mult)")
+        self.out_dim, self.factor_t, self.factor_s = out_dim, factor_t, factor_s
+        self.repeats = out_dim * factor // in_dim
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # x: (B, C, T, H, W) -> (B, C_out, ft T (- ft + 1 on the first chunk), fs H, fs W)
+        ft, fs = self.factor_t, self.factor_s
+        first_chunk = not cache.seen(self)
+        cache.put(self, None)
+        b, _, t, h, w = x.shape
+        # 1. (B, C * repeats, T, H, W) = (B, C_out, ft, fs, fs, T, H, W)
+        x = x.repeat_interleave(self.repeats, dim=1).reshape(b, self.out_dim, ft, fs, fs, t, h, w)
+        # 2. -> (B, C_out, T, ft, H, fs, W, fs) -> (B, C_out, ft T, fs H, fs W)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_dim, t * ft, h * fs, w * fs)
+        # 3. the first chunk keeps its last frame only
+        return x[:, :, ft - 1:] if first_chunk else x
+
+
 class MidBlock(nn.Module):
     """Residual, attention, residual."""
 
@@ -376,21 +517,78 @@ class UpBlock(nn.Module):
         return x
 
 
+class ResidualDownBlock(nn.Module):
+    """Wan2.2 encoder level: `num_res_blocks` residual blocks, then an optional (2-D or 3-D)
+    downsampler, plus an `AvgDown3d` shortcut from the level's input to its output."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, dropout: float,
+                 temporal: bool, down: bool) -> None:
+        super().__init__()
+        self.avg_shortcut = AvgDown3d(in_dim, out_dim, factor_t=2 if temporal else 1,
+                                      factor_s=2 if down else 1)
+        dims = [in_dim] + [out_dim] * num_res_blocks
+        self.resnets = nn.ModuleList(ResidualBlock(i, o, dropout) for i, o in zip(dims[:-1], dims[1:]))
+        self.downsampler = (Downsample3d if temporal else Downsample2d)(out_dim) if down else None
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # x: (B, C_in, T, H, W) -> (B, C_out, T', H', W')
+        shortcut = self.avg_shortcut(x)  # first: x can go as soon as the first block has run
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.downsampler is not None:
+            x = self.downsampler(x, cache)
+        # out of place: a 3-D downsampler keeps its first chunk's output as its cache
+        return torch.add(x, shortcut, out=torch.empty_like(x))
+
+
+class ResidualUpBlock(nn.Module):
+    """Wan2.2 decoder level: `num_res_blocks + 1` residual blocks, then an optional upsampler that
+    keeps the channel count, plus a `DupUp3d` shortcut from the level's input (upsampling levels
+    only)."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, dropout: float,
+                 temporal: bool, up: bool) -> None:
+        super().__init__()
+        dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
+        self.resnets = nn.ModuleList(ResidualBlock(i, o, dropout) for i, o in zip(dims[:-1], dims[1:]))
+        self.upsampler = (Upsample3d if temporal else Upsample2d)(out_dim, out_dim) if up else None
+        self.avg_shortcut = (DupUp3d(in_dim, out_dim, factor_t=2 if temporal else 1, factor_s=2)
+                             if up else None)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        # x: (B, C_in, T, H, W) -> (B, C_out, T', 2H, 2W) (T' = T, 2T, or 1 on a first chunk)
+        h = x
+        for resnet in self.resnets:
+            h = resnet(h, cache)
+        if self.upsampler is None:
+            return h
+        h = self.upsampler(h, cache)  # a fresh tensor (the caches hold the upsampler's inputs)
+        return h.add_(self.avg_shortcut(x, cache))
+
+
 class Encoder3d(nn.Module):
-    """Video chunk (B, 3, T, H, W) -> (B, 2*z, T', H/8, W/8) (mean and log-variance)."""
+    """Video chunk (B, C_in, T, H, W) -> (B, 2*z, T', H/8, W/8) (mean and log-variance); C_in is
+    3, or 12 patchified pixels (Wan2.2, whose H, W are then half the video's)."""
 
     def __init__(self, config: WanVAEConfig) -> None:
         super().__init__()
         c = config
         dims = [c.base_dim * m for m in (1, *c.dim_mult)]
+        last = len(c.dim_mult) - 1
         self.conv_in = CausalConv3d(c.in_channels, dims[0], 3, padding=1)
-        # Flat list, as diffusers: per level num_res_blocks residual blocks, then a downsampler.
         blocks: list[nn.Module] = []
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if c.is_residual:
+                # Wan2.2: one block per level (residual blocks, downsampler, shortcut)
+                temporal = level != last and c.temperal_downsample[level]
+                blocks.append(ResidualDownBlock(in_dim, out_dim, c.num_res_blocks, c.dropout,
+                                                temporal=temporal, down=level != last))
+                continue
+            # Wan2.1: a flat list, as diffusers: per level residual blocks, then a downsampler
             for _ in range(c.num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim, c.dropout))
                 in_dim = out_dim
-            if level != len(c.dim_mult) - 1:
+            if level != last:
                 downsampler = Downsample3d if c.temperal_downsample[level] else Downsample2d
                 blocks.append(downsampler(out_dim))
         self.down_blocks = nn.ModuleList(blocks)
@@ -411,21 +609,29 @@ class Encoder3d(nn.Module):
 
 
 class Decoder3d(nn.Module):
-    """Latent chunk (B, z, T, h, w) -> pixels (B, 3, T', 8h, 8w)."""
+    """Latent chunk (B, z, T, h, w) -> pixels (B, C_out, T', 8h, 8w); C_out is 3, or 12
+    patchified pixels (Wan2.2: the video is then 16h x 16w)."""
 
     def __init__(self, config: WanVAEConfig) -> None:
         super().__init__()
         c = config
-        dims = [c.base_dim * m for m in (c.dim_mult[-1], *reversed(c.dim_mult))]
+        dims = [c.decoder_dim * m for m in (c.dim_mult[-1], *reversed(c.dim_mult))]
         temperal_upsample = tuple(reversed(c.temperal_downsample))
+        last = len(c.dim_mult) - 1
         self.conv_in = CausalConv3d(c.z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0], c.dropout)
-        blocks = []
+        blocks: list[nn.Module] = []
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if c.is_residual:
+                # Wan2.2: upsamplers keep the channels; a shortcut around each upsampling level
+                temporal = level != last and temperal_upsample[level]
+                blocks.append(ResidualUpBlock(in_dim, out_dim, c.num_res_blocks, c.dropout,
+                                              temporal=temporal, up=level != last))
+                continue
             if level > 0:
                 in_dim //= 2  # the previous upsampler halved the channels
             upsampler = None
-            if level != len(c.dim_mult) - 1:
+            if level != last:
                 upsampler = Upsample3d if temperal_upsample[level] else Upsample2d
             blocks.append(UpBlock(in_dim, out_dim, c.num_res_blocks, c.dropout, upsampler))
         self.up_blocks = nn.ModuleList(blocks)
@@ -440,7 +646,7 @@ class Decoder3d(nn.Module):
         for block in self.up_blocks:
             x = block(x, cache)  # ... -> (B, C0, T', 8h, 8w)
         # 3. head (the norm includes the SiLU)
-        return self.conv_out(self.norm_out(x), cache)  # (B, 3, T', 8h, 8w)
+        return self.conv_out(self.norm_out(x), cache)  # (B, C_out, T', 8h, 8w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +655,8 @@ class Decoder3d(nn.Module):
 
 
 class WanVAE(nn.Module):
-    """Wan2.1 VAE. `encode`: video in [-1, 1] -> normalised latents; `decode`: the reverse."""
+    """Wan VAE (2.1 or 2.2, by config). `encode`: video in [-1, 1] -> normalised latents;
+    `decode`: the reverse."""
 
     def __init__(self, config: WanVAEConfig) -> None:
         super().__init__()
@@ -499,12 +706,21 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def encode(self, video: Tensor) -> Tensor:
         """(B, 3, F, H, W) in [-1, 1], F = 4k + 1 -> normalised posterior-mode latents,
-        float32 (B, z, (F - 1) // 4 + 1, H/8, W/8)."""
-        b, _, f, h, w = video.shape
-        t_scale = self.config.temporal_scale
+        float32 (B, z, (F - 1) // 4 + 1, H/s, W/s), s = `config.spatial_scale` (8; Wan2.2: 16,
+        and H, W must be multiples of 16)."""
+        b, c, f, h, w = video.shape
+        t_scale, s, p = self.config.temporal_scale, self.config.spatial_scale, self.config.patch
         if (f - 1) % t_scale:
             raise ValueError(f"video frames must be {t_scale}k + 1, got {f}")
-        x = video.to(device=self.device, dtype=self.dtype).contiguous(memory_format=self.memory_format)
+        if c != VIDEO_CHANNELS:
+            raise ValueError(f"video must have {VIDEO_CHANNELS} channels, got {c}")
+        if self.config.is_residual and (h % s or w % s):
+            raise ValueError(f"video height and width must be multiples of {s} for this VAE, got {h}x{w}")
+        if h % p or w % p:
+            raise ValueError(f"video height and width must be multiples of patch_size={p}, got {h}x{w}")
+        # 0. model dtype and layout; Wan2.2: 2x2 pixel patches -> 12 channels (B, 12, F, H/2, W/2)
+        x = video.to(device=self.device, dtype=self.dtype)
+        x = _patchify(x, p, self.memory_format) if p > 1 else x.contiguous(memory_format=self.memory_format)
         # 1. frame 0 alone, then chunks of 4 frames, through one per-call cache
         cache = CausalCache()
         chunks = [x[:, :, :1]] + [x[:, :, i:i + t_scale] for i in range(1, f, t_scale)]
@@ -518,8 +734,9 @@ class WanVAE(nn.Module):
     # -- decode -------------------------------------------------------------------------------
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents (B, z, F, h, w) -> video (B, 3, 4(F - 1) + 1, 8h, 8w) in [-1, 1]:
-        whole frames, or in overlapping tiles when `self.tiling` is set."""
+        """Normalised latents (B, z, F, h, w) -> video (B, 3, 4(F - 1) + 1, s h, s w) in [-1, 1]
+        (s = `config.spatial_scale`: 8; Wan2.2: 16): whole frames, or in overlapping tiles when
+        `self.tiling` is set."""
         if self.tiling is None:
             return self.decode_whole(latents)
         return tiled_decode(self, latents, *self.tiling)
@@ -531,20 +748,22 @@ class WanVAE(nn.Module):
         b, z, f, h, w = latents.shape
         if z != self.config.z_dim:
             raise ValueError(f"latents must have z_dim={self.config.z_dim} channels, got {z}")
-        t_scale, s = self.config.temporal_scale, self.config.spatial_scale
+        t_scale, s, p = self.config.temporal_scale, self.config.spatial_scale, self.config.patch
         # 1. de-normalise (float32), then model dtype and layout
         mean, std = self._latent_stats(self.device)
         x = latents.to(device=self.device, dtype=torch.float32) * std + mean
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         x = self.post_quant_conv(x)  # (B, z, F, h, w)
         # 2. one latent frame at a time through one per-call cache, into a preallocated output
-        out = torch.empty((b, self.config.out_channels, t_scale * (f - 1) + 1, h * s, w * s),
+        #    (Wan2.2: each chunk's 12 channels written straight into their 2x2 pixel patches)
+        out = torch.empty((b, VIDEO_CHANNELS, t_scale * (f - 1) + 1, h * s, w * s),
                           dtype=self.dtype, device=self.device)
+        frames_out = _pixel_patches(out, p)  # (B, 3, p, p, F', s h / p, s w / p): a view of out
         cache = CausalCache()
         for i in range(f):
             t0 = 0 if i == 0 else t_scale * (i - 1) + 1
-            frames = self.decoder(x[:, :, i:i + 1], cache)  # (B, 3, 1 or 4, 8h, 8w)
-            out[:, :, t0:t0 + frames.shape[2]] = frames
+            frames = self.decoder(x[:, :, i:i + 1], cache)  # (B, 3 p p, 1 or 4, s h / p, s w / p)
+            frames_out[:, :, :, :, t0:t0 + frames.shape[2]] = frames.unflatten(1, (VIDEO_CHANNELS, p, p))
         # 3. clamp to the pixel range
         return out.clamp_(-1.0, 1.0) if clamp else out
 
@@ -621,7 +840,8 @@ def plan_tiles(latent_hw: tuple[int, int], tile_latent: tuple[int, int] = (32, 3
 
 def decode_tile(vae: WanVAE, latents: Tensor, region: TileRegion) -> Tensor:
     """Decode one spatial tile over all frames (a normal causal decode of the cropped latent).
-    Returns raw, unclamped pixels (B, 3, F', 8 (h1 - h0), 8 (w1 - w0)) for `blend`."""
+    Returns raw, unclamped pixels (B, 3, F', s (h1 - h0), s (w1 - w0)) for `blend`
+    (s = `vae.config.spatial_scale`)."""
     return vae.decode_whole(latents[..., region.h0:region.h1, region.w0:region.w1], clamp=False)
 
 
@@ -683,7 +903,15 @@ def blend(pieces: Sequence[tuple[TileRegion, Tensor]], latent_hw: tuple[int, int
 
 
 DEFAULT_TILING = ((32, 32), (8, 8))
-"""(tile, overlap) in latent pixels of `EngineOptions.vae_tiling`: 256x256-pixel tiles, 64 shared."""
+"""(tile, overlap) in latent pixels of `EngineOptions.vae_tiling` for the Wan2.1 VAE: 256x256-pixel
+tiles, 64 shared (`default_tiling` gives the same pixel geometry for any spatial scale)."""
+
+
+def default_tiling(config: WanVAEConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(tile, overlap) in latent pixels for 256x256-pixel tiles sharing 64 pixels: DEFAULT_TILING
+    for Wan2.1 (scale 8), ((16, 16), (4, 4)) for Wan2.2 (scale 16)."""
+    s = config.spatial_scale
+    return (256 // s, 256 // s), (64 // s, 64 // s)
 
 
 def tiled_decode(vae: WanVAE, latents: Tensor, tile_latent: tuple[int, int] = DEFAULT_TILING[0],
@@ -732,6 +960,25 @@ def _interleave_time(x: Tensor) -> Tensor:
     out = torch.empty((b, c, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
     out.view(b, c, t, 2, h, w).copy_(x.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5))
     return out
+
+
+def _patchify(x: Tensor, p: int, memory_format: torch.memory_format) -> Tensor:
+    """(B, C, F, H, W) -> (B, C p p, F, H/p, W/p) in `memory_format` (one copy). Channel order
+    (c, r, q), r the column and q the row inside the patch: the official
+    `b c f (h q) (w r) -> b (c r q) f h w` (= diffusers' `patchify`)."""
+    b, c, f, h, w = x.shape
+    out = torch.empty((b, c * p * p, f, h // p, w // p), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format)
+    out.unflatten(1, (c, p, p)).copy_(_pixel_patches(x, p))
+    return out
+
+
+def _pixel_patches(x: Tensor, p: int) -> Tensor:
+    """A view of pixels (B, C, F, h p, w p) as (B, C, r, q, F, h, w): pixel (row h p + q, column
+    w p + r). Against (B, C p p, F, h, w).unflatten(1, (C, p, p)), a copy either way (un)patchifies."""
+    b, c, f, hp, wp = x.shape
+    x = x.unflatten(4, (wp // p, p)).unflatten(3, (hp // p, p))  # (B, C, F, h, q, w, r)
+    return x.permute(0, 1, 6, 4, 2, 3, 5)
 
 
 def _frames_to_images(x: Tensor) -> Tensor:
