@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from engine.samplers.schedule import Schedule
+from engine.samplers.schedule import Schedule, Shifting
 
 
 def log_snr(sigma: float) -> float:
@@ -27,11 +27,13 @@ class FlowSampler:
     """
 
     name: ClassVar[str]
-    """Registry name."""
+    """Registry name (canonical)."""
     max_sigma: ClassVar[float] = 1.0
     """Largest first noise level the update can use (multistep solvers need log(1 - sigma))."""
+    needs_seed: ClassVar[bool] = False
+    """Whether the update draws noise (then `seed` is required; deterministic samplers ignore it)."""
 
-    def __init__(self, schedule: Schedule) -> None:
+    def __init__(self, schedule: Schedule, seed: int | None = None) -> None:
         self.sigmas: Tensor = schedule.sigmas          # (steps + 1,) float32, ends in 0
         self.timesteps: Tensor = schedule.timesteps    # (steps,) float32, values for the DiT
         self._sigma = [float(s) for s in schedule.sigmas]  # python floats for the scalar maths
@@ -56,6 +58,11 @@ class FlowSampler:
         out = self._update(v, index, x)
         self._next_index += 1
         return out.to(sample.dtype)
+
+    @staticmethod
+    def build_schedule(num_steps: int, shifting: Shifting, spacing: str) -> Schedule:
+        """The schedule this sampler's diffusers scheduler builds for these settings."""
+        raise NotImplementedError
 
     def _update(self, v: Tensor, i: int, x: Tensor) -> Tensor:
         raise NotImplementedError

@@ -8,9 +8,11 @@ Notation (flow matching, x = alpha * x0 + sigma * eps):
     alpha_i = 1 - sigma_i,   lambda_i = log(alpha_i / sigma_i),   h = lambda_t - lambda_s0 > 0
     m_i = x_i - sigma_i * v_i             data prediction (x0 estimate) at step i
 
-Schedule:
+Schedule ("scheduler" spacing):
     sigma_i = shift(linspace(1, 0.001, N + 1)[i]), i < N  (the first one lowered by 1e-6 when it is 1,
     to keep lambda finite), sigma_N = 0;  t_i = floor(1000 * sigma_i).
+With a pipeline spacing, the pipeline's sigmas replace linspace(1, 0.001, N + 1)[:N] (float64, as
+set_timesteps(sigmas=...)); a dynamic shift and shift_terminal as in `schedule.Shifting.apply`.
 
 Predictor UniP, from sigma_s0 = sigma_i to sigma_t = sigma_{i+1}, with phi = e^{-h} - 1:
     order 1:  x_t = (sigma_t / sigma_s0) * x_i - alpha_t * phi * m_i
@@ -36,29 +38,28 @@ import numpy as np
 from torch import Tensor
 
 from engine.samplers.base import FlowSampler, log_snr
-from engine.samplers.schedule import NUM_TRAIN_TIMESTEPS, Schedule, shift_sigmas
-
-_FIRST_SIGMA_EPS = 1e-6
-"""A first sigma of exactly 1 is lowered by this much (alpha = 0 would make lambda infinite)."""
+from engine.samplers.schedule import (
+    FIRST_SIGMA_EPS, NUM_TRAIN_TIMESTEPS, Schedule, Shifting, multistep_flow_schedule, pipeline_sigmas,
+)
 
 
 class UniPCSampler(FlowSampler):
     name = "unipc"
-    max_sigma = 1.0 - _FIRST_SIGMA_EPS
+    max_sigma = 1.0 - FIRST_SIGMA_EPS
 
-    def __init__(self, schedule: Schedule) -> None:
-        super().__init__(schedule)
+    def __init__(self, schedule: Schedule, seed: int | None = None) -> None:
+        super().__init__(schedule, seed)
         self._m: list[Tensor] = []              # data predictions of the last (up to) two steps
         self._last_x: Tensor | None = None      # the sample the last predictor step started from
         self._last_order = 0                    # that predictor step's order
 
     @staticmethod
-    def default_schedule(num_steps: int, shift: float) -> Schedule:
-        sigmas = shift_sigmas(np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, num_steps + 1)[:-1], shift)
-        if abs(sigmas[0] - 1.0) < _FIRST_SIGMA_EPS:
-            sigmas[0] -= _FIRST_SIGMA_EPS
-        timesteps = (sigmas * NUM_TRAIN_TIMESTEPS).astype(np.int64)   # truncated, as the reference
-        return Schedule.from_sigmas(sigmas, timesteps)
+    def build_schedule(num_steps: int, shifting: Shifting, spacing: str) -> Schedule:
+        if spacing == "scheduler":
+            unshifted = np.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, num_steps + 1)[:-1]
+        else:
+            unshifted = pipeline_sigmas(spacing, num_steps)
+        return multistep_flow_schedule(unshifted, shifting)
 
     def _update(self, v: Tensor, i: int, x: Tensor) -> Tensor:
         # 1. Data prediction from the sample the DiT saw.
