@@ -148,23 +148,29 @@ def make_tokenizer():
     return T5Tokenizer(vocab=tiny_vocab(), extra_ids=0, model_max_length=TEXT_LEN)
 
 
-def dit_config(name: str = "tiny-wan"):
+def _variant(name: "str | TinyVariant") -> TinyVariant:
+    return name if isinstance(name, TinyVariant) else VARIANTS[name]
+
+
+def dit_config(name: "str | TinyVariant" = "tiny-wan"):
     from engine.models.wan.transformer import WanDiTConfig
 
-    return WanDiTConfig(**VARIANTS[name].dit)
+    return WanDiTConfig(**_variant(name).dit)
 
 
-def vae_config(name: str = "tiny-wan"):
+def vae_config(name: "str | TinyVariant" = "tiny-wan"):
     from engine.models.wan.vae import TINY_VAE22, WanVAEConfig
 
-    fields = VARIANTS[name].vae
+    fields = _variant(name).vae
     return TINY_VAE22 if fields is None else WanVAEConfig(**fields)
 
 
-def randomize_(module: nn.Module, seed: int = SEED, scale: float = 1.0) -> nn.Module:
+def randomize_(module: nn.Module, seed: int = SEED, scale: float = 1.0, qk_gain: float = 1.0) -> nn.Module:
     """Deterministic random weights that depend only on parameter names and shapes:
-    biases 0.02 * N(0, 1); norm scales (1-D, `gamma`) 1 + 0.1 * N(0, 1); other weights
-    scale * N(0, 1) / sqrt(fan_in). Outputs are neither zero nor exploding."""
+    biases 0.02 * N(0, 1); norm scales (1-D, `gamma`) 1 + 0.1 * N(0, 1), those of the attention
+    q/k norms times `qk_gain` (> 1 sharpens attention, so that which tokens are attended matters:
+    the parity tests use it); other weights scale * N(0, 1) / sqrt(fan_in). Outputs are neither
+    zero nor exploding."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
@@ -173,6 +179,8 @@ def randomize_(module: nn.Module, seed: int = SEED, scale: float = 1.0) -> nn.Mo
                 value = 0.02 * noise
             elif p.ndim == 1 or name.endswith("gamma"):
                 value = 1.0 + 0.1 * noise
+                if ".norm_q." in f".{name}" or ".norm_k." in f".{name}":
+                    value = qk_gain * value
             else:
                 value = scale * noise / max(1, p[0].numel()) ** 0.5
             p.copy_(value.to(p.dtype))
@@ -191,12 +199,12 @@ def _hf_models():
     return t5, clip
 
 
-def fingerprint(name: str = "tiny-wan") -> str:
+def fingerprint(name: "str | TinyVariant" = "tiny-wan") -> str:
     """Hash of the generator version, sizes and our modules' parameter names and shapes."""
     from engine.models.wan.transformer import WanTransformer
     from engine.models.wan.vae import WanVAE
 
-    variant = VARIANTS[name]
+    variant = _variant(name)
     with torch.device("meta"):
         layout = {
             "dit": [(k, list(v.shape)) for k, v in WanTransformer(dit_config(name)).state_dict().items()],
@@ -224,15 +232,17 @@ def save_diffusers_module(module: nn.Module, directory: str, config: dict, class
         json.dump({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}, f, indent=2)
 
 
-def write_tiny(directory: str, name: str = "tiny-wan", weight_scale: float = 1.0) -> None:
-    """Write the tiny checkpoint `name` (diffusers layout) into a new folder `directory`.
-    `weight_scale` multiplies the DiT's and VAE's random matrices (parity tests use > 1 so that
-    real mistakes change outputs far beyond the tolerance)."""
+def write_tiny(directory: str, name: "str | TinyVariant" = "tiny-wan", qk_gain: float = 1.0,
+               scheduler: dict | None = None) -> None:
+    """Write the tiny checkpoint `name` (a built-in name or a `TinyVariant`; diffusers layout)
+    into a new folder `directory`. `scheduler` replaces entries of the scheduler config.
+    `qk_gain` sharpens the DiTs' attention (`randomize_`; parity tests use > 1 so that real
+    mistakes, e.g. guidance off, change outputs far beyond the tolerance)."""
     from engine.models.wan.loader import make_clip_processor
     from engine.models.wan.transformer import WanTransformer
     from engine.models.wan.vae import WanVAE
 
-    variant = VARIANTS[name]
+    variant = _variant(name)
     os.makedirs(directory, exist_ok=True)
     # 1. DiT(s) and VAE: our modules, deterministic weights (each expert its own seed)
     dit_cfg, vae_cfg = dit_config(name), vae_config(name)
@@ -240,9 +250,9 @@ def write_tiny(directory: str, name: str = "tiny-wan", weight_scale: float = 1.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         for i, folder in enumerate(folders):
-            dit = randomize_(WanTransformer(dit_cfg), SEED + 2 * i, weight_scale)
+            dit = randomize_(WanTransformer(dit_cfg), SEED + 2 * i, qk_gain=qk_gain)
             save_diffusers_module(dit, os.path.join(directory, folder), dit_cfg.to_dict(), "WanTransformer3DModel")
-        vae = randomize_(WanVAE(vae_cfg), SEED + 1, weight_scale)
+        vae = randomize_(WanVAE(vae_cfg), SEED + 1)
     save_diffusers_module(vae, os.path.join(directory, "vae"), vae_cfg.to_dict(), "AutoencoderKLWan")
     # 2. encoders, tokenizer, image processor (saved by transformers, without progress bars)
     from transformers.utils import logging as hf_logging
@@ -263,12 +273,12 @@ def write_tiny(directory: str, name: str = "tiny-wan", weight_scale: float = 1.0
     # 3. scheduler, pipeline index, our marker
     os.makedirs(os.path.join(directory, "scheduler"))
     with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SCHEDULER_CONFIG, f, indent=2)
+        json.dump({**SCHEDULER_CONFIG, **(scheduler or {})}, f, indent=2)
     with open(os.path.join(directory, "model_index.json"), "w") as f:
         json.dump({**MODEL_INDEX, **variant.model_index}, f, indent=2)
     with open(os.path.join(directory, MARKER), "w") as f:
         json.dump({"version": variant.version, "fingerprint": fingerprint(name), "seed": SEED,
-                   "weight_scale": weight_scale}, f)
+                   "qk_gain": qk_gain}, f)
 
 
 def write_tiny_wan(directory: str) -> None:
