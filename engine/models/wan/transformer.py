@@ -522,8 +522,8 @@ class WanTransformer(nn.Module):
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, image_context: Tensor | None = None) -> Tensor:
         """x (B, C_in, F, H, W); timestep in [0, 1000]: (B,) one per sample (or one value for all),
-        or (B, L) one per token (L = F' * H' * W' in (f, h, w) order; Wan2.2 TI2V, see
-        `frame_timesteps`); context (B, L_txt, text_dim); image_context (B, L_img, image_dim) for
+        or (B, L) one per token (L = F' * H' * W' in (f, h, w) order; Wan2.2 TI2V image-to-video
+        puts the first latent frame's tokens at 0); context (B, L_txt, text_dim); image_context (B, L_img, image_dim) for
         I2V models with a CLIP branch, else None. Returns (B, C_out, F, H, W)."""
         cfg = self.config
         grid = self._token_grid(x.shape)  # (F', H', W')
@@ -561,10 +561,6 @@ class WanTransformer(nn.Module):
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C_out, F', pt, H', ph, W', pw)
         return out.reshape(b, -1, f, h, w)
 
-    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """(F', H', W') of latents shaped (..., C_in, F, H, W) or (C_in, F, H, W)."""
-        return self._token_grid(torch.Size((1, *latent_shape[-4:])))
-
     def _token_grid(self, shape: torch.Size) -> tuple[int, int, int]:
         """(F', H', W') of the patched latents; refuses sizes the patch does not divide."""
         if len(shape) != 5 or shape[1] != self.config.in_channels:
@@ -600,15 +596,3 @@ class WanTransformer(nn.Module):
                              f"(B, L_img, {self.config.image_dim}) is required")
         if not self.config.has_image_branch and image_context is not None:
             raise ValueError("this Wan model has no image branch (image_dim is None): image_context must be None")
-
-
-def frame_timesteps(timestep: Tensor, grid: tuple[int, int, int], clean_frames: int = 1) -> Tensor:
-    """Per-token timesteps of Wan2.2 TI2V image-to-video: the tokens of the first `clean_frames`
-    patched latent frames at t = 0 (the image's latents, kept clean), every other token at its
-    sample's t. timestep (B,) -> (B, F' * H' * W'), tokens in (f, h, w) order. Equals diffusers'
-    `(mask[0][0][:, ::2, ::2] * t).flatten()` with mask 0 on latent frame 0 (temporal patch 1).
-    `clean_frames=0` gives every token t (text-to-video: the same output as passing (B,))."""
-    f, h, w = grid
-    mask = torch.ones(f, h * w, dtype=timestep.dtype, device=timestep.device)
-    mask[:clean_frames] = 0
-    return (timestep.reshape(-1, 1, 1) * mask).flatten(1)  # (B, F' * H' * W')
