@@ -1,8 +1,19 @@
-"""Engine options: fixed at start-up, never mutated by a request."""
+"""Engine options: fixed at start-up, never mutated by a request.
+
+Each option is declared once, below: its type (a `Literal` lists the allowed values), its
+default and the docstring under it. The `lightx2v` CLI flags (lightx2v/cli.py), the serve-config
+arguments (serving/config.py `AppArgs`) and the facade's keywords (`LightX2V.from_pretrained`) are
+derived from these declarations by the helpers at the end of this file (`option_fields`,
+`options_from_flat`, `field_docs`): a new option appears on all three with no other edit.
+"""
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import textwrap
 from dataclasses import dataclass, field, replace
-from typing import Literal, get_args
+from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -96,3 +107,109 @@ class EngineOptions:
     def with_(self, **changes) -> "EngineOptions":
         """A copy with some fields changed (the original stays as it was)."""
         return replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- derivation
+
+FLAT_NAMES: dict[str, str] = {"parallel.cfg": "cfg_parallel", "parallel.ulysses": "ulysses_degree"}
+"""The names of nested options where options are flat (CLI flags, serve-config arguments): the
+names people use today. A nested option not listed here is named by its path joined with "_"."""
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """One option as the flat surfaces (CLI flags, serve-config arguments) see it."""
+
+    name: str
+    """Flat name: "cfg_batch", "cfg_parallel" (for parallel.cfg)."""
+    path: tuple[str, ...]
+    """Where it lives in the options: ("cfg_batch",), ("parallel", "cfg")."""
+    annotation: Any
+    """The declared type, resolved (a Literal lists the allowed values)."""
+    default: Any
+    doc: str
+    """The docstring under the field ("" when it has none)."""
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        """The allowed values when the type is a Literal, else None."""
+        return get_args(self.annotation) if get_origin(self.annotation) is Literal else None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field in the class body (and its bases'), by field name,
+    whitespace collapsed. Works for dataclasses and pydantic models; a class without source (e.g.
+    made by `make_dataclass`) contributes none."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def option_fields(cls: type) -> tuple[OptionField, ...]:
+    """Every option of the dataclass `cls` (EngineOptions) in declaration order; a field whose
+    type is itself an options dataclass (ParallelConfig) is flattened into its fields, named by
+    `FLAT_NAMES`."""
+    return tuple(_flat_fields(cls, ()))
+
+
+def _flat_fields(cls: type, prefix: tuple[str, ...]):
+    hints, docs = get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            yield from _flat_fields(annotation, path)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        dotted = ".".join(path)
+        yield OptionField(FLAT_NAMES.get(dotted, "_".join(path)), path, annotation, default, docs.get(f.name, ""))
+
+
+def options_from_flat(cls: type, values: Mapping[str, Any]):
+    """`cls` (EngineOptions) from flat values named as `option_fields(cls)` names them; an option
+    not given keeps its default. Unknown names raise TypeError; a bad value raises the options'
+    ValueError with the flat name in place of the nested path ("cfg_parallel must be 1 or 2")."""
+    fields = option_fields(cls)
+    unknown = sorted(set(values) - {f.name for f in fields})
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(f.name for f in fields)}")
+    nested: dict[str, Any] = {}
+    for f in fields:
+        if f.name in values:
+            node = nested
+            for key in f.path[:-1]:
+                node = node.setdefault(key, {})
+            node[f.path[-1]] = values[f.name]
+    try:
+        return _build(cls, nested)
+    except ValueError as e:
+        message = str(e)
+        for f in fields:
+            dotted = ".".join(f.path)
+            if dotted != f.name and message.startswith(dotted + " "):
+                raise ValueError(f.name + message[len(dotted):]) from None
+        raise
+
+
+def _build(cls: type, values: dict[str, Any]):
+    hints = get_type_hints(cls)
+    return cls(**{name: _build(hints[name], value) if dataclasses.is_dataclass(hints[name]) else value
+                  for name, value in values.items()})
+
+
+def default_dtype(device: str) -> DType:
+    """The dtype a surface picks when none is given: float32 on the CPU (the parity setting),
+    bfloat16 on GPUs."""
+    return "float32" if device == "cpu" else "bfloat16"

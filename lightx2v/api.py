@@ -1,22 +1,33 @@
 """`LightX2V`: load a model once, generate videos in this process. No logic of its own: it
-builds engine options and a request and runs the stages' LocalPipeline."""
+builds engine options and a request and runs the stages' LocalPipeline.
+
+The keywords are derived from the declarations (lightx2v/arguments.py): every `EngineOptions`
+field is a keyword of `from_pretrained`, every `GenerationRequest` field one of `generate`, with
+their types, defaults and docstrings; a new field is a new keyword with no edit here.
+"""
 from __future__ import annotations
 
+import inspect
 import os
+import tempfile
 from typing import Any
 
 import torch
 
+from engine.options import EngineOptions, ParallelConfig
+from lightx2v.arguments import (build_request, describe, facade_option_arguments, parameters,
+                                request_arguments, request_signature)
 from stages.denoise import CancelFn, ProgressFn
 from stages.pipeline import GenerationResult, LocalPipeline
-from stages.request import GenerationRequest, load_image_file
-from stages.video import temp_mp4
+
+GENERATE_POSITIONAL = ("prompt", "negative_prompt", "image", "video_length", "resolution", "steps",
+                       "guidance_scale", "shift", "sampler", "seed", "fps", "latents", "output_type")
+"""`generate`'s positional parameters in issue 2's order (then `output_path`), kept for callers
+who pass them by position. Every other request argument is keyword-only."""
 
 
-def build_engine_options(device: str, dtype: str, engine_options: dict[str, Any]):
+def build_engine_options(device: str, dtype: str, engine_options: dict[str, Any]) -> EngineOptions:
     """EngineOptions from the facade's keywords; `parallel` may be a dict {"cfg": .., "ulysses": ..}."""
-    from engine.options import EngineOptions, ParallelConfig
-
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} was asked for but CUDA is not available on this machine; "
                            "pass device=\"cpu\" (with dtype=\"float32\") to run on the CPU")
@@ -55,11 +66,12 @@ class LightX2V:
         """`model`: a registry name ("tiny-wan") or a local checkpoint directory (either layout).
         `spec_name`: the registry entry whose defaults a directory should use when its config
         cannot tell (e.g. "wan2.1-i2v-14b-720p": 480p and 720p I2V share one architecture).
-        Extra keywords are engine options: attention=, quantization=, offload=, vae_tiling=,
-        compile=, cfg_batch=, parallel={"cfg": 2, "ulysses": 2}. `wait_for_gpus` (parallel > 1 on an
-        autoscaling Ray cluster): wait up to 10 minutes for the DiT group's GPUs instead of
-        refusing a group larger than the cluster's current GPUs."""
-        from engine.loading import resolve_checkpoint
+        `wait_for_gpus` (parallel > 1 on an autoscaling Ray cluster): wait up to 10 minutes for
+        the DiT group's GPUs instead of refusing a group larger than the cluster's current GPUs.
+        The other keywords are the engine options (EngineOptions), `parallel` as a dict such as
+        {"cfg": 2, "ulysses": 2}:
+        """
+        from engine.checkpoint import resolve_checkpoint
 
         options = build_engine_options(device, dtype, engine_options)
         ckpt = resolve_checkpoint(model, spec_name=spec_name)
@@ -94,52 +106,59 @@ class LightX2V:
         """The model's registry entry (defaults, strides, tasks)."""
         return self.pipeline.spec
 
-    def generate(self, prompt, negative_prompt=None, image=None, video_length=None,
-                 resolution=None, steps=None, guidance_scale=None, shift=None,
-                 sampler=None, seed=None, fps=None, latents=None,
-                 output_type="mp4", output_path=None, *, progress: ProgressFn | None = None,
-                 should_cancel: CancelFn | None = None):
+    def generate(self, *args: Any, progress: ProgressFn | None = None,
+                 should_cancel: CancelFn | None = None, **kwargs: Any):
         """Generate one video.
 
-        video_length: frame count. resolution: (height, width). image: PIL image, file path or
-        (H, W, 3) array (image-to-video). latents: initial noise of the latent shape.
-        None means the model's default. Returns, by output_type: "mp4" -> the written file's
-        path (output_path, or a new temp file); "np" -> float32 (frames, H, W, 3) in [0, 1];
-        "latent" -> the final latents (C, F_lat, H_lat, W_lat).
+        The parameters are the request's fields (GenerationRequest; the signature and the list
+        below), None meaning the model's default, and `output_path`. Returns, by output_type:
+        "mp4" -> the written file's path (output_path, or a new temp file); "np" -> float32
+        (frames, H, W, 3) in [0, 1]; "latent" -> the final latents (C, F_lat, H_lat, W_lat).
+        `progress(step, total)` is called after each denoising step; `should_cancel()` is
+        polled between steps. The request's arguments:
         """
-        request = build_request(
-            prompt, negative_prompt=negative_prompt, image=image, video_length=video_length,
-            resolution=resolution, steps=steps, guidance_scale=guidance_scale, shift=shift,
-            sampler=sampler, seed=seed, fps=fps, latents=latents, output_type=output_type)
-        result = self.pipeline.run(request, progress=progress, should_cancel=should_cancel)
+        values = dict(_GENERATE.bind(*args, **kwargs).arguments)
+        output_path = values.pop("output_path", None)
+        result = self.pipeline.run(build_request(**values), progress=progress, should_cancel=should_cancel)
         self.last_result = result
+        output_type = result.request.output_type
         if output_type == "latent":
             return result.output.latents
         if output_type == "np":
             return result.output.frames
-        path = os.fspath(output_path) if output_path is not None else temp_mp4()
+        path = os.fspath(output_path) if output_path is not None else _temp_file("." + output_type)
         with open(path, "wb") as f:
             f.write(result.output.data)
         return path
 
 
-def build_request(prompt, negative_prompt=None, image=None, video_length=None, resolution=None,
-                  steps=None, guidance_scale=None, shift=None, sampler=None, seed=None, fps=None,
-                  latents=None, output_type="mp4") -> GenerationRequest:
-    """The request for `generate`'s arguments (opens an image path; validates)."""
-    height, width = (None, None) if resolution is None else _resolution(resolution)
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image_file(os.fspath(image))
-    return GenerationRequest(
-        prompt=prompt, negative_prompt=negative_prompt, image=image, num_frames=video_length,
-        height=height, width=width, steps=steps, guidance_scale=guidance_scale, shift=shift,
-        sampler=sampler, seed=seed, fps=fps, latents=latents, output_type=output_type,
-    )
+def _temp_file(suffix: str) -> str:
+    """A new empty file in the temp dir (the caller owns it)."""
+    fd, path = tempfile.mkstemp(suffix=suffix, prefix="lightx2v-")
+    os.close(fd)
+    return path
 
 
-def _resolution(resolution: Any) -> tuple[int, int]:
-    try:
-        height, width = resolution
-    except (TypeError, ValueError):
-        raise ValueError(f"resolution must be (height, width), got {resolution!r}") from None
-    return height, width
+# ----------------------------------------------------------------------------- derived signatures
+
+_GENERATE = request_signature(GENERATE_POSITIONAL, [
+    inspect.Parameter("output_path", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)])
+"""What `generate` binds its arguments to: the request arguments and output_path."""
+
+
+def _derive_signatures() -> None:
+    """`generate`'s and `from_pretrained`'s signatures and docstrings from the declarations."""
+    gen = LightX2V.generate
+    hooks = [p for p in inspect.signature(gen).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    self_ = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    gen.__signature__ = _GENERATE.replace(parameters=[self_, *_GENERATE.parameters.values(), *hooks])
+    gen.__doc__ = (gen.__doc__ or "").rstrip() + "\n" + describe(request_arguments(), " " * 12)
+
+    pre = LightX2V.from_pretrained.__func__
+    options = facade_option_arguments(EngineOptions, skip=("device", "dtype"))  # positional above
+    fixed = [p for p in inspect.signature(pre).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    pre.__signature__ = inspect.signature(pre).replace(parameters=fixed + parameters(options))
+    pre.__doc__ = (pre.__doc__ or "").rstrip() + "\n" + describe(options, " " * 12)
+
+
+_derive_signatures()

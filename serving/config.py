@@ -8,16 +8,46 @@ branches elsewhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from engine.options import EngineOptions, ParallelConfig
+from engine.options import EngineOptions, OptionField, option_fields, options_from_flat
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- engine options
+
+SERVE_DEVICE_DOC = ('"cuda" asks Ray for GPUs (fractions per stage, a placement group for the DiT group); '
+                    '"cpu" asks for none (tests, demo).')
+
+
+def _serve_option(f: OptionField) -> OptionField:
+    """The one serve-config difference: the device is "cpu" or "cuda" (Ray places the GPUs)."""
+    if f.name == "device":
+        return dataclasses.replace(f, annotation=Literal["cpu", "cuda"], doc=SERVE_DEVICE_DOC)
+    return f
+
+
+ENGINE_FIELDS: tuple[OptionField, ...] = tuple(_serve_option(f) for f in option_fields(EngineOptions))
+"""The engine options as flat serve-config arguments (`cfg_parallel` for parallel.cfg), derived
+from `EngineOptions`: name, type, default and description come from its declarations."""
+
+
+def _check_option(cls, value: Any, info) -> Any:
+    options_from_flat(EngineOptions, {info.field_name: value})  # the option's own check, named by the field
+    return value
+
+
+EngineArgs = create_model(
+    "EngineArgs", __base__=_Strict, __doc__="The engine options of `AppArgs` (frozen at start-up).",
+    __validators__={"_check_option": field_validator(*(f.name for f in ENGINE_FIELDS))(_check_option)},
+    **{f.name: (f.annotation, Field(f.default, description=f.doc or None)) for f in ENGINE_FIELDS})
 
 
 class _ScalingArgs(_Strict):
@@ -76,27 +106,15 @@ class IngressArgs(_Strict):
     num_cpus: float | None = Field(None, ge=0)
 
 
-class AppArgs(_Strict):
-    """Everything `build_app` takes (the `args:` of serve_config.yaml, or `lightx2v serve` flags)."""
+class AppArgs(EngineArgs):
+    """Everything `build_app` takes (the `args:` of serve_config.yaml, or `lightx2v serve` flags):
+    the engine options (`EngineArgs`, derived from `EngineOptions`), then the fields below."""
 
     model: str = "tiny-wan"
     """Registry name or local checkpoint directory."""
     data_dir: str = "data"
     """Job store: SQLite database and the finished videos. Give an absolute path: a relative one
     is taken from the ingress replica's working directory (`lightx2v serve` makes it absolute)."""
-    # -- engine options (frozen at start-up) --
-    device: Literal["cpu", "cuda"] = "cpu"
-    """"cuda" asks Ray for GPUs (fractions per stage, a placement group for the DiT group);
-    "cpu" asks for none (tests, demo)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention: str = "sdpa"
-    quantization: Literal["none", "fp8", "int8"] = "none"
-    offload: Literal["none", "model", "block"] = "none"
-    vae_tiling: bool = False
-    compile: bool = False
-    cfg_batch: bool = False
-    cfg_parallel: int = Field(1, ge=1, le=2)
-    ulysses_degree: int = Field(1, ge=1)
     # -- deployments --
     text_encoder: StageArgs = StageArgs()
     image_encoder: StageArgs = StageArgs()
@@ -133,14 +151,11 @@ class AppArgs(_Strict):
 
     @property
     def world_size(self) -> int:
-        return self.cfg_parallel * self.ulysses_degree
+        return self.engine_options().parallel.world_size
 
     def engine_options(self) -> EngineOptions:
         """The frozen engine options every stage and DiT worker is built with."""
-        return EngineOptions(device=self.device, dtype=self.dtype, attention=self.attention,
-                             quantization=self.quantization, offload=self.offload,
-                             vae_tiling=self.vae_tiling, compile=self.compile, cfg_batch=self.cfg_batch,
-                             parallel=ParallelConfig(cfg=self.cfg_parallel, ulysses=self.ulysses_degree))
+        return options_from_flat(EngineOptions, {f.name: getattr(self, f.name) for f in ENGINE_FIELDS})
 
 
 def import_object(path: str) -> Any:

@@ -2,8 +2,9 @@
 
     lightx2v serve --model tiny-wan --host 127.0.0.1 --port 8765 --data-dir DIR
 
-`serving/cli.py` (the `lightx2v` command) calls `add_serve_arguments` and `serve_main`; the demo
-(`python -m serving.demo`) uses `start_service` directly.
+The `lightx2v` command (lightx2v/cli.py) derives the `serve` flags from `AppArgs` and calls
+`serve_main`; this module never imports the CLI. The demo (`python -m serving.demo`) uses
+`start_service` directly.
 """
 from __future__ import annotations
 
@@ -14,41 +15,31 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
-from serving.cli import add_engine_arguments, default_dtype
+from engine.options import default_dtype
 from serving.config import AppArgs, import_object
 
 APP_NAME = "lightx2v"
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `serve` subcommand's flags (each maps to an `AppArgs` field or an HTTP option)."""
-    parser.add_argument("--model", default="tiny-wan", help="registry name or local checkpoint directory")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
-    parser.add_argument("--data-dir", default="data", help="job store: SQLite database and videos")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    add_engine_arguments(parser)
-    parser.add_argument("--max-pending-jobs", type=int, default=64,
-                        help="queued + running jobs before POST /v1/videos answers 503")
-    parser.add_argument("--replica-cpus", type=float, default=None,
-                        help="CPUs per replica (default: 0 on cpu so the graph fits small machines, 1 on cuda)")
-    parser.add_argument("--name", default=APP_NAME, help="Serve application name (for handles)")
+def app_args_from(values: argparse.Namespace | Mapping[str, Any]) -> AppArgs:
+    """`AppArgs` from `lightx2v serve`'s parsed flags (validated: bad values name the field).
 
-
-def app_args_from(ns: argparse.Namespace) -> AppArgs:
-    """`AppArgs` from the parsed flags (validated: bad values name the field)."""
-    on_gpu = ns.device == "cuda"
-    return AppArgs(
-        model=ns.model, data_dir=os.path.abspath(ns.data_dir), device=ns.device,
-        dtype=ns.dtype or default_dtype(ns.device), attention=ns.attention,
-        quantization=ns.quantization, compile=ns.compile, offload=ns.offload, vae_tiling=ns.vae_tiling,
-        cfg_batch=ns.cfg_batch,
-        cfg_parallel=ns.cfg_parallel, ulysses_degree=ns.ulysses_degree,
-        replica_cpus=ns.replica_cpus if ns.replica_cpus is not None else (1.0 if on_gpu else 0.0),
-        ingress={"max_pending_jobs": ns.max_pending_jobs},
-    )
+    Every value named like an `AppArgs` field sets it; None (a flag not given) keeps the
+    field's default, except where the default depends on the device: `dtype` (bfloat16 on cuda,
+    float32 on cpu) and `replica_cpus` (1 on cuda, 0 on cpu so the graph fits small machines).
+    `max_pending_jobs` sets `ingress.max_pending_jobs`; `data_dir` is made absolute."""
+    given = {k: v for k, v in (vars(values) if isinstance(values, argparse.Namespace) else values).items()
+             if v is not None}
+    args = {name: given[name] for name in AppArgs.model_fields if name in given}
+    device = args.get("device", AppArgs.model_fields["device"].default)
+    args.setdefault("dtype", default_dtype(device))
+    args.setdefault("replica_cpus", 1.0 if device == "cuda" else 0.0)
+    args["data_dir"] = os.path.abspath(args.get("data_dir", AppArgs.model_fields["data_dir"].default))
+    if "max_pending_jobs" in given:
+        args["ingress"] = {**args.get("ingress", {}), "max_pending_jobs": given["max_pending_jobs"]}
+    return AppArgs(**args)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def test_facade_parallel_equals_plain(ray_session, tiny_wan_dir):
 
 
 def test_cli_generate_with_parallel_flags(ray_session, tiny_wan_dir, tmp_path, capsys):
-    from serving.cli import main
+    from lightx2v.cli import main
     from stages.video import read_mp4
 
     out = tmp_path / "x.mp4"
@@ -52,7 +52,7 @@ def test_cli_generate_with_parallel_flags(ray_session, tiny_wan_dir, tmp_path, c
 
 
 def test_cli_refuses_degree_the_heads_do_not_divide(ray_session, tiny_wan_dir, tmp_path, capsys):
-    from serving.cli import main
+    from lightx2v.cli import main
 
     rc = main(["generate", "--model", "tiny-wan", "--prompt", "a dog", "--device", "cpu",
                "--ulysses-degree", "3", "-o", str(tmp_path / "y.mp4")])

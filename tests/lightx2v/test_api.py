@@ -128,7 +128,8 @@ def test_facade_signature_is_the_documented_one():
         ("self", inspect.Parameter.empty), ("prompt", inspect.Parameter.empty),
         ("negative_prompt", None), ("image", None), ("video_length", None), ("resolution", None),
         ("steps", None), ("guidance_scale", None), ("shift", None), ("sampler", None),
-        ("seed", None), ("fps", None), ("latents", None), ("output_type", "mp4"), ("output_path", None)]
+        ("seed", None), ("fps", None), ("latents", None), ("output_type", None), ("output_path", None)]
+    # output_type's default is the request's (None: the model's modality picks, "mp4" for video)
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for n, p in gen.items() if n in ("progress", "should_cancel"))
     pre = inspect.signature(LightX2V.from_pretrained).parameters
     positional = [(n, p.default) for n, p in pre.items()

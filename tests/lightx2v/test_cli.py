@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def lightx2v(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "lightx2v.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,11 +50,11 @@ def test_generate_image_to_video(tiny_wan_dir, tmp_path):
     (["--video-length", "6"], "num_frames: must be 4*k+1"),
     (["--steps", "0"], "steps must be in 1..1000"),
     (["--size", "40x32"], "width: must be a multiple of 16"),
-    (["--sampler", "ddim"], "sampler must be one of unipc, euler, dpmpp2m"),
+    (["--sampler", "ddim"], "sampler must be one of unipc, euler"),  # the registry's names follow
 ])
 def test_bad_values_exit_2_before_loading(args, message, tmp_path, capsys, monkeypatch):
     from lightx2v import LightX2V
-    from serving.cli import main
+    from lightx2v.cli import main
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded for an invalid request")
@@ -67,7 +67,7 @@ def test_bad_values_exit_2_before_loading(args, message, tmp_path, capsys, monke
 
 
 def test_models_lists_registry(capsys):
-    from serving.cli import main
+    from lightx2v.cli import main
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_models_lists_registry(capsys):
 
 
 def test_generate_does_not_import_ray_serve():
-    code = ("import sys; from serving.cli import build_parser; build_parser(); "
+    code = ("import sys; from lightx2v.cli import build_parser; build_parser(); "
             "import lightx2v.api, stages.pipeline, engine.loading, engine.families; "
             "print('ray.serve' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -85,7 +85,7 @@ def test_generate_does_not_import_ray_serve():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
 def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
-    from serving.cli import main
+    from lightx2v.cli import main
 
     code = main(["generate", "--prompt", "x", "--device", "cuda", "-o", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err

@@ -1,11 +1,12 @@
-"""`lightx2v serve` flags -> AppArgs (the CLI in serving/cli.py calls serving.launch)."""
+"""`lightx2v serve` flags -> AppArgs (the CLI, lightx2v/cli.py, derives the flags and calls serving.launch)."""
 from __future__ import annotations
 
 import argparse
 
 import pytest
 
-from serving.launch import add_serve_arguments, app_args_from
+from lightx2v.cli import add_serve_arguments
+from serving.launch import app_args_from
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -38,9 +39,9 @@ def test_bad_flag_values_name_the_field():
 
 
 def test_cli_serve_subcommand_uses_these_flags():
-    from serving.cli import build_parser
+    from lightx2v.cli import build_parser
 
-    ns = build_parser(serve_arguments=True).parse_args(["serve", "--model", "tiny-wan", "--port", "8765"])
+    ns = build_parser().parse_args(["serve", "--model", "tiny-wan", "--port", "8765"])
     assert app_args_from(ns).model == "tiny-wan" and ns.port == 8765
 
 
