@@ -267,6 +267,70 @@ def test_check_offload_refusals():
         check_offload(EngineOptions(offload="model", parallel=ParallelConfig(cfg=2)))
     with pytest.raises(ValueError, match=r"offload='block' with compile=True is not supported"):
         check_offload(EngineOptions(offload="block", compile=True))
+    # "expert": each rank offloads its own copy; the swap is outside the compiled blocks
+    check_offload(EngineOptions(offload="expert", compile=True, parallel=ParallelConfig(cfg=2, ulysses=2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# expert offload (Wan2.2 A14B: two experts, one phase each)
+
+
+def two_experts(monkeypatch, options: EngineOptions):
+    """Two tiny experts (different weights, same shape) and their plain copies, with `options`'
+    offload applied to each as the loader does (forced to apply on the CPU)."""
+    import engine.offload as offload
+
+    monkeypatch.setattr(offload, "offload_applies", lambda options: options.offload != "none")
+    experts, plain = {}, {}
+    for seed, name in enumerate(("transformer", "transformer_2")):
+        torch.manual_seed(seed)
+        model = WanTransformer(tiny_config(2)).eval().requires_grad_(False)
+        plain[name] = copy.deepcopy(model)
+        experts[name] = apply_offload(model, options)
+    return experts, plain
+
+
+def test_expert_offload_holds_one_expert_per_phase(monkeypatch):
+    """offload="expert": each expert is a ModelOffload; in its phase (`resident(expert)`, as the
+    denoise loop holds it) it runs from one compute copy while the other expert stays in storage;
+    outputs equal the models without offload; one weight copy per expert per phase."""
+    experts, plain = two_experts(monkeypatch, EngineOptions(offload="expert"))
+    offloaders = {name: get_offloader(m) for name, m in experts.items()}
+    assert all(type(o) is ModelOffload for o in offloaders.values())
+    stored = {name: ptrs(o.stored) for name, o in offloaders.items()}
+    running = []
+    for name, model in experts.items():
+        other = next(n for n in experts if n != name)
+        model.blocks[0].register_forward_pre_hook(lambda m, a, name=name, other=other: running.append(
+            (name, not (ptrs(block_tensors(experts[name].blocks[0])) & stored[name]),   # from its compute copy
+             ptrs(offloaders[other].slots.tensors()) == stored[other])))               # the idle one in storage
+    args = inputs(tiny_config(2))
+    with torch.no_grad():
+        for phase, steps in (("transformer", 3), ("transformer_2", 2)):   # high-noise, then low-noise
+            with resident(experts[phase]):
+                for _ in range(steps):
+                    assert same(experts[phase](*args), plain[phase](*args))
+            assert not offloaders[phase].is_resident
+    assert running == [("transformer", True, True)] * 3 + [("transformer_2", True, True)] * 2
+    assert offloaders["transformer"].copies == 1 and offloaders["transformer_2"].copies == 1
+    assert not same(plain["transformer"](*args), plain["transformer_2"](*args))  # two different experts
+
+
+def test_expert_offload_applies_with_parallel_ranks_and_compile(monkeypatch):
+    """With a parallel group, each rank applies it to its own copy (here: the options alone, no
+    group needed); the Ulysses swaps after it add no tensor, so the offloader still holds them all."""
+    from engine.parallel.ulysses import UlyssesState, apply_ulysses
+
+    options = EngineOptions(offload="expert", compile=True, parallel=ParallelConfig(cfg=2, ulysses=2))
+    experts, plain = two_experts(monkeypatch, options)
+    args = inputs(tiny_config(2))
+    for name, model in experts.items():
+        off = get_offloader(model)
+        assert type(off) is ModelOffload
+        apply_ulysses(model, UlyssesState())           # what apply_parallel does next (no group active)
+        assert ptrs(off.slots.tensors()) == ptrs(off.stored)
+        with torch.no_grad(), resident(model):
+            assert same(model(*args), plain[name](*args))
 
 
 @pytest.mark.parametrize("mode", ["model", "block"])
@@ -286,9 +350,11 @@ def test_loader_refuses_impossible_combinations(tiny_wan_dir):
     ckpt = resolve_checkpoint(str(tiny_wan_dir))
     family = get_family(ckpt.spec.family)
     with pytest.raises(ValueError, match="compile=True"):
-        family.load_transformer(ckpt, EngineOptions(offload="block", compile=True))
+        family.load_dits(ckpt, EngineOptions(offload="block", compile=True))["transformer"]
     with pytest.raises(ValueError, match="parallel"):
-        family.load_transformer(ckpt, EngineOptions(offload="model", parallel=ParallelConfig(cfg=2)))
+        family.load_dits(ckpt, EngineOptions(offload="model", parallel=ParallelConfig(cfg=2)))
+    with pytest.raises(ValueError, match="offload='expert'.*one DiT"):   # a single-expert model
+        family.load_dits(ckpt, EngineOptions(offload="expert"))
 
 
 @pytest.mark.parametrize("mode,quant", [("block", "int8"), ("model", "none")])
@@ -302,9 +368,9 @@ def test_loader_applies_offload_from_engine_options(tiny_wan_dir, monkeypatch, m
 
     ckpt = resolve_checkpoint(str(tiny_wan_dir))
     family = get_family(ckpt.spec.family)
-    plain = family.load_transformer(ckpt, EngineOptions(quantization=quant))
+    plain = family.load_dits(ckpt, EngineOptions(quantization=quant))["transformer"]
     monkeypatch.setattr(offload, "offload_applies", lambda options: options.offload != "none")
-    model = family.load_transformer(ckpt, EngineOptions(quantization=quant, offload=mode))
+    model = family.load_dits(ckpt, EngineOptions(quantization=quant, offload=mode))["transformer"]
     expected = {"block": BlockOffload, "model": ModelOffload}[mode]
     assert isinstance(get_offloader(model), expected)
     if quant != "none":
@@ -338,10 +404,9 @@ def test_block_offload_cuda_matches_plain():
 def test_denoise_stage_copies_the_model_once_per_request():
     """offload="model" through the denoise stage: `resident()` around the sampler loop, so one
     weight copy for all steps (and both CFG branches), weights back in storage afterwards."""
-    from stages.denoise import DenoiseStage
     from stages.request import GenerationRequest
     from stages.text_encode import TextEncodeStage
-    from tests.stages.fakes import SPEC, TEXT_DIM, FakeTextEncoder
+    from tests.stages.fakes import SPEC, TEXT_DIM, FakeTextEncoder, denoise_stage
 
     torch.manual_seed(0)
     model = WanTransformer(WanDiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=16,
@@ -352,6 +417,6 @@ def test_denoise_stage_copies_the_model_once_per_request():
     model.register_forward_pre_hook(lambda m, a: calls.append(off.is_resident))
     options = EngineOptions(device="cpu")
     req = GenerationRequest(prompt="a red fox", seed=3, steps=3).resolve(SPEC)
-    out = DenoiseStage(model, options)(req, TextEncodeStage(FakeTextEncoder())(req))
+    out = denoise_stage(model, options)(req, TextEncodeStage(FakeTextEncoder())(req))
     assert len(calls) == 6 and all(calls) and off.copies == 1 and not off.is_resident  # 3 steps x 2 branches
     assert torch.isfinite(out.latents).all()
