@@ -88,7 +88,6 @@ def main() -> int:
 
     from cluster.dit_worker import DiTWorker
     from cluster.worker_group import WorkerGroup
-    from engine.families import get_family
     from engine.checkpoint import resolve_checkpoint
     from engine.options import EngineOptions
     from stages.denoise import DenoiseStage
@@ -108,7 +107,7 @@ def main() -> int:
               "latent_shape": list(request.latent_shape)}
 
     # 1. The plain path: DenoiseStage in this process.
-    plain = DenoiseStage(get_family(ckpt.spec.family).load_transformer(ckpt, options), options)
+    plain = DenoiseStage.from_checkpoint(ckpt, options)
 
     # 2. The group of one: a Ray actor with its own process group (NCCL on the GPU).
     if not ray.is_initialized():

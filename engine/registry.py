@@ -122,7 +122,10 @@ class ModelSpec:
         return self.latent.temporal
 
     def with_defaults(self, **changes) -> "ModelSpec":
-        """A copy whose defaults have some fields changed (e.g. from a checkpoint's scheduler config)."""
+        """A copy whose defaults have some fields changed (e.g. from a checkpoint's scheduler config);
+        the spec itself when nothing changes."""
+        if all(getattr(self.defaults, k) == v for k, v in changes.items()):
+            return self
         return dataclasses.replace(self, defaults=dataclasses.replace(self.defaults, **changes))
 
 

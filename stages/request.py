@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from engine.registry import ModelSpec
 
 OutputType = Literal["mp4", "png", "np", "latent"]
+TASK_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video", "t2i": "text-to-image", "edit": "image-edit"}
 OUTPUT_TYPES = {"video": ("mp4", "np", "latent"), "image": ("png", "np", "latent")}
 """Output types by the model's modality, the default first."""
 
@@ -231,9 +232,13 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _sampler(cls, v: str | None) -> str | None:
         if v is not None:
-            known = _list_samplers()
-            if v not in known:
-                raise ValueError(f"sampler must be one of {', '.join(known)}; got {v!r}")
+            from engine.samplers import canonical_sampler
+
+            try:
+                canonical_sampler(v)   # accepts aliases too ("dpmpp2m" for "dpmpp_2m")
+            except ValueError:
+                known = _list_samplers()
+                raise ValueError(f"sampler must be one of {', '.join(known)}; got {v!r}") from None
         return v
 
     @field_validator("seed")
@@ -302,12 +307,11 @@ class GenerationRequest(BaseModel):
                                          f"got {value}")
         # 3. Task: image required / refused.
         image_task, text_task = ("i2v", "t2v") if video else ("edit", "t2i")
+        does = " and ".join(TASK_NAMES[t] for t in sorted(spec.tasks))
         if self.image is None and text_task not in spec.tasks:
-            raise RequestError("image", f"is required: {spec.name} needs an input image "
-                                        f"(tasks: {', '.join(sorted(spec.tasks))})")
+            raise RequestError("image", f"is required: {spec.name} is an {does} model")
         if self.image is not None and image_task not in spec.tasks:
-            raise RequestError("image", f"is not accepted: {spec.name} takes no input image "
-                                        f"(tasks: {', '.join(sorted(spec.tasks))}; leave image unset)")
+            raise RequestError("image", f"is not accepted: {spec.name} is a {does} model (leave image unset)")
         # 4. Initial noise shape.
         shape = latent_shape(spec, num_frames, height, width)
         if self.latents is not None and tuple(self.latents.shape) != shape:

@@ -145,7 +145,7 @@ def test_split_vae_decode_on_group(cfg_group, tiny_wan_dir):
     options = EngineOptions(parallel=ParallelConfig(cfg=2, ulysses=1))
     group.get(group.call("load_vae", "tiny-wan", options))
     latents = Latents(torch.randn(16, 2, 12, 12, generator=torch.Generator().manual_seed(0)))
-    vae = get_family("wan2.1").load_vae(resolve_checkpoint("tiny-wan"), EngineOptions())
+    vae = get_family("wan").load_vae(resolve_checkpoint("tiny-wan"), EngineOptions())
 
     videos = group.get(group.call("decode", latents))
     assert videos[1] is None

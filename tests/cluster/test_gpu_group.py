@@ -43,7 +43,6 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("cfg,ulysses", [(1, 1), (2, 1), (1, 2), (2, 2), (2, 4)])
 def test_nccl_group_equals_single_gpu(real_gpu_ray, checkpoint, cfg, ulysses):
-    from engine.families import get_family
     from engine.checkpoint import resolve_checkpoint
     from stages.denoise import DenoiseStage
 
@@ -55,7 +54,7 @@ def test_nccl_group_equals_single_gpu(real_gpu_ray, checkpoint, cfg, ulysses):
     request, text, image = pr.case_inputs(case)
     ckpt = resolve_checkpoint(checkpoint)
     single = EngineOptions(device="cuda", dtype="float32")
-    stage = DenoiseStage(get_family(ckpt.spec.family).load_transformer(ckpt, single), single)
+    stage = DenoiseStage.from_checkpoint(ckpt, single)
     want = stage(request, text, image).latents
 
     group = WorkerGroup(DiTWorker, world, gpus_per_worker=1, timeout_s=300)

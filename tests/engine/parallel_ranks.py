@@ -83,10 +83,10 @@ def case_inputs(case: Case):
 def denoise(predictor_for, case: Case, heads: int = 4) -> torch.Tensor:
     """Run one case through `stages.DenoiseStage` with the predictor `predictor_for(model)`."""
     from engine.options import EngineOptions
-    from stages.denoise import DenoiseStage
+    from tests.stages.fakes import denoise_stage
 
     model = build_model(case.task, heads)
-    stage = DenoiseStage(model, EngineOptions(), predictor=predictor_for(model))
+    stage = denoise_stage(model, EngineOptions(), predictor=predictor_for(model))
     request, text, image = case_inputs(case)
     return stage(request, text, image).latents
 

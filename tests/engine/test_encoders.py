@@ -19,7 +19,7 @@ from engine.options import EngineOptions
 
 torch.set_num_threads(1)
 OPTS = EngineOptions()
-WAN = get_family("wan2.1")
+WAN = get_family("wan")
 
 PROMPTS = [
     "A  cat &amp;amp; a dog\n\twalk   on the beach ",

@@ -12,9 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.families import get_family
-from engine.loading import (
-    build_module, detect_layout, read_pth, read_safetensors, resolve_checkpoint, safetensors_files,
-)
+from engine.checkpoint import detect_layout, resolve_checkpoint
+from engine.loading import build_module, read_pth, read_safetensors, safetensors_files
 from engine.models.wan import tiny
 from engine.models.wan.specs import TINY_ARCH, WanArch
 from engine.options import EngineOptions
@@ -22,7 +21,7 @@ from engine.registry import get_spec
 
 torch.set_num_threads(1)
 OPTS = EngineOptions()
-WAN = get_family("wan2.1")
+WAN = get_family("wan")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -186,7 +185,7 @@ def test_bad_directory_lists_what_was_looked_for(tmp_path):
 
 
 def test_unknown_names_and_weightless_entries_are_clear_errors():
-    with pytest.raises(ValueError, match=r"neither a registered model name \(.*tiny-wan.*\) nor a local directory"):
+    with pytest.raises(ValueError, match=r"neither a registered model name or alias \(.*tiny-wan.*\) nor a local directory"):
         resolve_checkpoint("no-such-model")
     with pytest.raises(ValueError, match="has no local weights.*pass the checkpoint directory"):
         resolve_checkpoint("wan2.1-t2v-14b")
@@ -223,7 +222,7 @@ def test_unmatched_config_gets_a_derived_spec(tmp_path, caplog):
     path = _diffusers_config_dir(tmp_path, "odd", num_attention_heads=4, num_layers=3, ffn_dim=64, in_channels=16)
     with caplog.at_level(logging.WARNING):
         spec = resolve_checkpoint(path).spec
-    assert spec.family == "wan2.1" and spec.tasks == frozenset({"t2v"})
+    assert spec.family == "wan" and spec.tasks == frozenset({"t2v"})
     assert spec.defaults == get_spec("wan2.1-t2v-1.3b").defaults
     assert "matches no registered Wan variant" in caplog.text
 
@@ -284,7 +283,7 @@ def _inputs(seed: int = 0):
 
 
 def test_transformer_same_in_both_layouts(both):
-    a, b = (WAN.load_transformer(c, OPTS) for c in both)
+    a, b = (WAN.load_dits(c, OPTS)["transformer"] for c in both)
     x, t, ctx, img = _inputs()
     out_a, out_b = a(x, t, ctx, img), b(x, t, ctx, img)
     assert out_a.shape == (2, 16, 3, 8, 8)
@@ -320,19 +319,19 @@ def test_image_encoder_same_in_both_layouts(both):
 def test_bfloat16_keeps_the_fp32_modules(both):
     from engine.models.wan.transformer import WanTransformer
 
-    model = WAN.load_transformer(both[0], EngineOptions(dtype="bfloat16"))
+    model = WAN.load_dits(both[0], EngineOptions(dtype="bfloat16"))["transformer"]
     for name, p in model.named_parameters():
         expected = torch.float32 if WanTransformer.keeps_fp32(name) else torch.bfloat16
         assert p.dtype == expected, name
     assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     x, t, ctx, img = _inputs()
-    ref = WAN.load_transformer(both[0], OPTS)(x, t, ctx, img)
+    ref = WAN.load_dits(both[0], OPTS)["transformer"](x, t, ctx, img)
     assert rel_err(model(x.bfloat16(), t, ctx.bfloat16(), img.bfloat16()), ref) < 0.05
 
 
 def test_bfloat16_fp32_modules_by_name(both):
     """The keep-in-fp32 rule spelled out (diffusers' `_keep_in_fp32_modules`), not recomputed."""
-    model = WAN.load_transformer(both[0], EngineOptions(dtype="bfloat16"))
+    model = WAN.load_dits(both[0], EngineOptions(dtype="bfloat16"))["transformer"]
     params = dict(model.named_parameters())
     for name in ("scale_shift_table", "blocks.0.scale_shift_table", "blocks.0.norm2.weight",
                  "condition_embedder.time_embedder.linear_1.weight",
@@ -351,16 +350,16 @@ def test_bad_attention_backend_is_refused_before_reading_weights(both, monkeypat
 
     monkeypatch.setattr(loader, "build_module", no_build)
     with pytest.raises(ValueError, match="unknown attention backend 'nope'; known backends: .*sdpa"):
-        WAN.load_transformer(both[0], EngineOptions(attention="nope"))
+        WAN.load_dits(both[0], EngineOptions(attention="nope"))["transformer"]
     with pytest.raises(ValueError, match="'sage_int8' cannot run on device 'cpu'"):
-        WAN.load_transformer(both[0], EngineOptions(attention="sage_int8"))
+        WAN.load_dits(both[0], EngineOptions(attention="sage_int8"))["transformer"]
     # a backend whose kernels cannot take the model's head size (tiny-wan: 16)
     from engine.attention import AttentionBackend, register_backend, sdpa_attention, unregister_backend
 
     register_backend(AttentionBackend("test_dims64", sdpa_attention, head_dims=(64, 128)))
     try:
         with pytest.raises(ValueError, match="'test_dims64' does not support head dim 16 .supported: 64, 128"):
-            WAN.load_transformer(both[0], EngineOptions(attention="test_dims64"))
+            WAN.load_dits(both[0], EngineOptions(attention="test_dims64"))["transformer"]
     finally:
         unregister_backend("test_dims64")
 
@@ -420,7 +419,7 @@ def test_diffusers_saved_transformer_loads_without_conversion(diffusers_saved):
     ref = pipe.transformer
     ckpt = resolve_checkpoint(path)
     assert ckpt.spec.name == "tiny-wan"
-    ours = WAN.load_transformer(ckpt, OPTS)
+    ours = WAN.load_dits(ckpt, OPTS)["transformer"]
     saved = load_file(os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors"))
     assert set(ours.state_dict()) == set(saved)
     x, t, ctx, img = _inputs(3)
@@ -457,7 +456,7 @@ def test_diffusers_saved_encoders_load(diffusers_saved):
 
 
 def test_arch_of_loaded_dit_matches_spec(both):
-    model = WAN.load_transformer(both[1], OPTS)
+    model = WAN.load_dits(both[1], OPTS)["transformer"]
     assert WanArch.of(model.config) == TINY_ARCH
 
 

@@ -228,8 +228,8 @@ def test_loader_applies_engine_options_quantization(tiny_wan_dir):
 
     ckpt = resolve_checkpoint(str(tiny_wan_dir))
     family = get_family(ckpt.spec.family)
-    plain = family.load_transformer(ckpt, EngineOptions())
-    quant = family.load_transformer(ckpt, EngineOptions(quantization="fp8"))
+    plain = family.load_dits(ckpt, EngineOptions())["transformer"]
+    quant = family.load_dits(ckpt, EngineOptions(quantization="fp8"))["transformer"]
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
     n_blocks = len(quant.blocks)
     assert sum(isinstance(m, FP8Linear) for m in quant.modules()) >= 10 * n_blocks  # q,k,v,o x2 + ffn

@@ -14,7 +14,7 @@ from engine.checkpoint import resolve_checkpoint
 from engine.options import EngineOptions
 from engine.quant import FP8Linear, Int8Linear, QuantLinear
 from engine.quant.checkpoint import QUANT_CONFIG_KEY, quantize_checkpoint
-from serving.cli import main as cli_main
+from lightx2v.cli import main as cli_main
 
 sys.path.insert(0, os.path.dirname(__file__))
 from parallel_ranks import dit_inputs  # noqa: E402
@@ -45,9 +45,9 @@ def test_prequantized_equals_load_time_quantization(tiny_wan_dir, quantized_dirs
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     options = EngineOptions(device=device, dtype="bfloat16", quantization=mode)
-    at_load = family().load_transformer(resolve_checkpoint(tiny_wan_dir), options)
+    at_load = family().load_dits(resolve_checkpoint(tiny_wan_dir), options)["transformer"]
     ckpt = resolve_checkpoint(quantized_dirs[mode])
-    pre = get_family(ckpt.spec.family).load_transformer(ckpt, options)
+    pre = get_family(ckpt.spec.family).load_dits(ckpt, options)["transformer"]
     linears = [m for m in pre.modules() if isinstance(m, QuantLinear)]
     assert linears and all(type(m) is cls for m in linears)
     assert not any(type(m) is torch.nn.Linear and "blocks" in name for name, m in pre.named_modules())
@@ -83,7 +83,7 @@ def test_other_quantization_refused_naming_both(quantized_dirs):
     ckpt = resolve_checkpoint(quantized_dirs["fp8"])
     for requested in ("none", "int8"):
         with pytest.raises(ValueError, match=f"quantization='{requested}'.*pre-quantized to 'fp8'.*quantization='fp8'"):
-            family().load_transformer(ckpt, EngineOptions(device="cpu", quantization=requested))
+            family().load_dits(ckpt, EngineOptions(device="cpu", quantization=requested))["transformer"]
 
 
 def test_quantize_refusals(quantized_dirs, tiny_wan_dir, tmp_path):
@@ -119,7 +119,7 @@ def test_fused_attention_on_quantized_linears_equals_unfused(quantized_dirs):
     from engine.kernels import fuse_modules
 
     ckpt = resolve_checkpoint(quantized_dirs["int8"])
-    model = family().load_transformer(ckpt, EngineOptions(device="cpu", quantization="int8"))
+    model = family().load_dits(ckpt, EngineOptions(device="cpu", quantization="int8"))["transformer"]
     inputs = dit_inputs(model.config, seed=3)
     ref = forward(model, inputs)
     assert fuse_modules(model) > 0

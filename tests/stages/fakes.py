@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.wan.adapter import ConcatAdapter
 from engine.options import EngineOptions
 from engine.registry import ModelSpec, SamplingDefaults
 from stages.decode import DecodeStage
@@ -97,12 +98,23 @@ class FakeTransformer(nn.Module):
         return v
 
 
+def denoise_stage(dit: nn.Module, options: EngineOptions, predictor=None, spec: ModelSpec = SPEC) -> DenoiseStage:
+    """A one-expert DenoiseStage around `dit` with the Wan concat adapter (channels + image tokens)."""
+    predictors = None if predictor is None else {"transformer": predictor}
+    return DenoiseStage({"transformer": dit}, ConcatAdapter(), spec, options, predictors=predictors)
+
+
+def image_stage(image_encoder, vae, options: EngineOptions) -> ImageEncodeStage:
+    """An ImageEncodeStage with the Wan concat adapter (mask + latents, image tokens)."""
+    return ImageEncodeStage(image_encoder, vae, ConcatAdapter(), options)
+
+
 def fake_pipeline(in_channels: int = 36, image_dim: int | None = IMAGE_DIM):
     options = EngineOptions(device="cpu", dtype="float32")
     vae, dit, text = FakeVAE(), FakeTransformer(in_channels, image_dim), FakeTextEncoder()
     pipe = LocalPipeline(
-        spec=SPEC, text=TextEncodeStage(text), denoise=DenoiseStage(dit, options),
+        spec=SPEC, text=TextEncodeStage(text), denoise=denoise_stage(dit, options),
         decode=DecodeStage(vae, options),
-        image=ImageEncodeStage(FakeImageEncoder() if image_dim else None, vae, options),
+        image=image_stage(FakeImageEncoder() if image_dim else None, vae, options),
     )
     return pipe, dit, vae, text

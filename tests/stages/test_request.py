@@ -18,8 +18,8 @@ DEFAULTS = SamplingDefaults(num_frames=5, height=32, width=48, steps=2, guidance
 
 
 def make_spec(tasks=("t2v",), name="test-model") -> ModelSpec:
-    return ModelSpec(name=name, family="wan2.1", tasks=frozenset(tasks), defaults=DEFAULTS,
-                     spatial_stride=16, temporal_stride=4, max_prompt_chars=100)
+    return ModelSpec(name=name, family="wan", tasks=frozenset(tasks), defaults=DEFAULTS,
+                     max_prompt_chars=100)  # default latent geometry: strides 16 (8 x patch 2) and 4
 
 
 T2V, I2V, BOTH = make_spec(("t2v",), "t2v-only"), make_spec(("i2v",), "i2v-only"), make_spec(("t2v", "i2v"), "both")
@@ -52,7 +52,7 @@ def png_bytes(image: Image.Image = IMAGE) -> bytes:
     ("shift", float("nan"), "0.01..100"),
     ("shift", 0.001, "0.01..100"),     # sigmas round to 0: NaN latents
     ("shift", 1000.0, "0.01..100"),    # sigmas round to 1: the samplers' log(1 - sigma) fails
-    ("sampler", "ddim", "unipc, euler, dpmpp2m"),
+    ("sampler", "ddim", "unipc, euler, euler_a, dpmpp_2m"),
     ("seed", -1, "0..2**63-1"),
     ("seed", 2**63, "0..2**63-1"),
     ("fps", 0, "1..120"),

@@ -10,14 +10,15 @@ from engine.guidance import CFGPredictor
 from engine.options import EngineOptions
 from stages.base import Cancelled, StageError
 from stages.decode import DecodeFramesStage, DecodeStage
-from stages.denoise import DenoiseStage, initial_noise
-from stages.image_encode import ImageEncodeStage, first_frame_mask, image_to_tensor
+from engine.conditioning import image_to_tensor
+from engine.models.wan.adapter import first_frame_mask
+from stages.denoise import initial_noise
 from stages.payloads import EncodedVideo, ImageCond, Latents, TextEmbeds, VideoFrames
 from stages.request import GenerationRequest
 from stages.text_encode import TextEncodeStage
 from stages.video import read_mp4
 from tests.stages.fakes import (IMAGE_DIM, SPEC, TEXT_DIM, TEXT_LEN, FakeImageEncoder, FakeTextEncoder,
-                                FakeTransformer, FakeVAE, fake_pipeline)
+                                FakeTransformer, FakeVAE, denoise_stage, fake_pipeline, image_stage)
 
 torch.set_num_threads(1)
 CPU = EngineOptions(device="cpu", dtype="float32")
@@ -109,13 +110,13 @@ def test_first_frame_mask_matches_diffusers_construction():
 def test_image_stage_builds_conditioning():
     vae = FakeVAE()
     req = resolve(image=IMAGE)
-    out = ImageEncodeStage(FakeImageEncoder(), vae, CPU)(req)
+    out = image_stage(FakeImageEncoder(), vae, CPU)(req)
     assert isinstance(out, ImageCond)
     assert out.latent_cond.shape == (20, 2, 4, 6) and out.clip_tokens.shape == (5, IMAGE_DIM)
     assert out.latent_cond[:4, 0].eq(1).all() and out.latent_cond[:4, 1:].eq(0).all()
     video = torch.cat([image_to_tensor(IMAGE, 32, 48)[:, :, None], torch.zeros(1, 3, 4, 32, 48)], 2)
     torch.testing.assert_close(out.latent_cond[4:], vae.encode(video)[0])
-    no_clip = ImageEncodeStage(None, vae, CPU)(req)
+    no_clip = image_stage(None, vae, CPU)(req)
     assert no_clip.clip_tokens is None
 
 
@@ -132,9 +133,9 @@ def test_initial_noise_is_cpu_seeded_float32():
 def test_denoise_cfg_batch_option_runs_one_batch2_forward_per_step():
     dit = FakeTransformer(in_channels=16, image_dim=None)
     req = resolve()
-    a = DenoiseStage(dit, CPU.with_(cfg_batch=True))(req, _text(req))
+    a = denoise_stage(dit, CPU.with_(cfg_batch=True))(req, _text(req))
     assert dit.batch_sizes == [2, 2, 2]
-    b = DenoiseStage(dit, CPU)(req, _text(req))
+    b = denoise_stage(dit, CPU)(req, _text(req))
     torch.testing.assert_close(a.latents, b.latents)
 
 
@@ -144,7 +145,7 @@ def _text(req):
 
 def test_denoise_progress_and_determinism():
     dit = FakeTransformer(in_channels=16, image_dim=None)
-    stage = DenoiseStage(dit, CPU)
+    stage = denoise_stage(dit, CPU)
     req = resolve()
     seen = []
     a = stage(req, _text(req), progress=lambda i, n: seen.append((i, n)))
@@ -162,12 +163,12 @@ def test_denoise_progress_and_determinism():
 def test_denoise_without_guidance_runs_batch1():
     dit = FakeTransformer(in_channels=16, image_dim=None)
     req = resolve(guidance_scale=0.5)
-    DenoiseStage(dit, CPU)(req, _text(req))
+    denoise_stage(dit, CPU)(req, _text(req))
     assert dit.batch_sizes == [1, 1, 1]
 
 
 def test_denoise_cancel_between_steps():
-    stage = DenoiseStage(FakeTransformer(in_channels=16, image_dim=None), CPU)
+    stage = denoise_stage(FakeTransformer(in_channels=16, image_dim=None), CPU)
     req = resolve()
     asked, seen = [], []
 
@@ -181,7 +182,7 @@ def test_denoise_cancel_between_steps():
 
 
 def test_denoise_refuses_cfg_without_negative():
-    stage = DenoiseStage(FakeTransformer(in_channels=16, image_dim=None), CPU)
+    stage = denoise_stage(FakeTransformer(in_channels=16, image_dim=None), CPU)
     req = resolve()
     with pytest.raises(ValueError, match="negative_context"):
         stage(req, TextEmbeds(torch.zeros(TEXT_LEN, TEXT_DIM), None))
@@ -190,7 +191,7 @@ def test_denoise_refuses_cfg_without_negative():
 def test_t2v_on_image_capable_dit_uses_zero_conditioning():
     dit = FakeTransformer(in_channels=36, image_dim=IMAGE_DIM)
     req = resolve()
-    out = DenoiseStage(dit, CPU)(req, _text(req))  # the fake asserts 36 channels and image tokens
+    out = denoise_stage(dit, CPU)(req, _text(req))  # the fake asserts 36 channels and image tokens
     assert out.latents.shape == (16, 2, 4, 6)
 
 

@@ -108,7 +108,7 @@ class TinyVariant:
     name: str
     dit: dict
     vae: dict | None
-    """WanVAEConfig fields; None = the tiny Wan2.2 VAE (engine.models.wan.vae.TINY_VAE22)."""
+    """WanVAEConfig fields; None = the tiny Wan2.2 VAE (engine.models.wan.vae.tiny_vae22_config)."""
     experts: int = 1
     clip: bool = False
     model_index: dict = field(default_factory=dict)
@@ -159,10 +159,10 @@ def dit_config(name: "str | TinyVariant" = "tiny-wan"):
 
 
 def vae_config(name: "str | TinyVariant" = "tiny-wan"):
-    from engine.models.wan.vae import TINY_VAE22, WanVAEConfig
+    from engine.models.wan.vae import WanVAEConfig, tiny_vae22_config
 
     fields = _variant(name).vae
-    return TINY_VAE22 if fields is None else WanVAEConfig(**fields)
+    return tiny_vae22_config() if fields is None else WanVAEConfig(**fields)
 
 
 def randomize_(module: nn.Module, seed: int = SEED, scale: float = 1.0, qk_gain: float = 1.0) -> nn.Module:
