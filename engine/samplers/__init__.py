@@ -39,6 +39,7 @@ import math
 import numbers
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -150,7 +151,8 @@ def make_sampler(
             time_shift_type="exponential" if dynamic is None else dynamic.time_shift_type,
             shift_terminal=shift_terminal,
         )
-        schedule = cls.build_schedule(num_steps, shifting, spacing)
+        with np.errstate(divide="ignore", invalid="ignore"):   # 0 / 0 and the like: refused just below
+            schedule = cls.build_schedule(num_steps, shifting, spacing)
         _check_built_schedule(schedule, cls.name, shifting, spacing)
     else:
         for option, value, default in (("dynamic", dynamic, None), ("shift_terminal", shift_terminal, None),

@@ -12,7 +12,7 @@ The "shift" bends the schedule towards high noise (more steps spent on the coars
 
     shift(sigma) = s * sigma / (1 + (s - 1) * sigma)          (s = 1: unchanged)
 
-Each sampler spaces its sigmas exactly as its diffusers counterpart does (see the `default_schedule`
+Each sampler spaces its sigmas exactly as its diffusers counterpart does (see the `build_schedule`
 of each sampler); `fixed_schedule` serves step-distilled models, which are trained on a few fixed
 timesteps such as [1000, 750, 500, 250].
 
