@@ -167,7 +167,7 @@ def diffusers_to_official_vae22(state_dict: Mapping[str, T]) -> dict[str, T]:
 
 def infer_vae22_config(state_dict: Mapping[str, Any], latents_mean: Sequence[float] | None = None,
                        latents_std: Sequence[float] | None = None) -> "WanVAEConfig":
-    """The Wan2.2 `WanVAEConfig` read off diffusers-keyed tensors (anything with `.shape`), e.g.
+    """The Wan2.2 `WanVAEConfig` read off diffusers-keyed tensors (or shapes), e.g.
     `official_vae22_to_diffusers(torch.load("Wan2.2_VAE.pth"))`: the official file has no config.
 
     Widths, levels, residual blocks, temporal downsampling and the pixel patch come from the
@@ -179,7 +179,8 @@ def infer_vae22_config(state_dict: Mapping[str, Any], latents_mean: Sequence[flo
     def shape(key: str) -> tuple[int, ...]:
         if key not in state_dict:
             raise ValueError(f"cannot read the Wan2.2 VAE structure: {key!r} is missing")
-        return tuple(state_dict[key].shape)
+        value = state_dict[key]
+        return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
 
     base_dim, in_channels = shape("encoder.conv_in.weight")[:2]
     z_dim = shape("post_quant_conv.weight")[0]
