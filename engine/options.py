@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import textwrap
+import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
 
@@ -136,10 +138,11 @@ class OptionField:
         return get_args(self.annotation) if get_origin(self.annotation) is Literal else None
 
 
-def field_docs(cls: type) -> dict[str, str]:
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> Mapping[str, str]:
     """The docstring written under each field in the class body (and its bases'), by field name,
-    whitespace collapsed. Works for dataclasses and pydantic models; a class without source (e.g.
-    made by `make_dataclass`) contributes none."""
+    whitespace collapsed (read-only; parsed once per class). Works for dataclasses and pydantic
+    models; a class without source (e.g. made by `create_model`) contributes none."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if klass is object:
@@ -154,7 +157,7 @@ def field_docs(cls: type) -> dict[str, str]:
                     and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):
                 docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    return types.MappingProxyType(docs)
 
 
 def option_fields(cls: type) -> tuple[OptionField, ...]:

@@ -68,8 +68,8 @@ class LightX2V:
         cannot tell (e.g. "wan2.1-i2v-14b-720p": 480p and 720p I2V share one architecture).
         `wait_for_gpus` (parallel > 1 on an autoscaling Ray cluster): wait up to 10 minutes for
         the DiT group's GPUs instead of refusing a group larger than the cluster's current GPUs.
-        The other keywords are the engine options (EngineOptions), `parallel` as a dict such as
-        {"cfg": 2, "ulysses": 2}:
+        `device`, `dtype` (here "cuda" and "bfloat16" by default) and the other keywords are the
+        engine options (EngineOptions), `parallel` also as a dict such as {"cfg": 2, "ulysses": 2}:
         """
         from engine.checkpoint import resolve_checkpoint
 
@@ -155,9 +155,10 @@ def _derive_signatures() -> None:
     gen.__doc__ = (gen.__doc__ or "").rstrip() + "\n" + describe(request_arguments(), " " * 12)
 
     pre = LightX2V.from_pretrained.__func__
-    options = facade_option_arguments(EngineOptions, skip=("device", "dtype"))  # positional above
+    options = facade_option_arguments(EngineOptions)
     fixed = [p for p in inspect.signature(pre).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    pre.__signature__ = inspect.signature(pre).replace(parameters=fixed + parameters(options))
+    keywords = [a for a in options if a.name not in ("device", "dtype")]  # positional, declared above
+    pre.__signature__ = inspect.signature(pre).replace(parameters=fixed + parameters(keywords))
     pre.__doc__ = (pre.__doc__ or "").rstrip() + "\n" + describe(options, " " * 12)
 
 

@@ -123,7 +123,7 @@ class Argument:
     def opens_files(self) -> bool:
         return self.override.opens_files or _mentions(self.annotation, Image.Image)
 
-    def values(self, value: Any) -> dict[str, Any]:
+    def to_fields(self, value: Any) -> dict[str, Any]:
         """The facade's value -> {field: value} (image paths opened)."""
         if self.opens_files:
             value = _open_images(value)
@@ -159,11 +159,14 @@ def model_arguments(model_cls: type, none_means: str = "") -> tuple[Argument, ..
 
 
 def option_arguments(fields: Iterable[OptionField]) -> tuple[Argument, ...]:
-    """Engine options (`engine.options.option_fields`, flat) as arguments (`ARGUMENTS` applied)."""
-    return tuple(Argument(name=f.name, fields=(f.name,), annotation=f.annotation, default=f.default,
-                          required=False, doc=ARGUMENTS.get(f.name, Override()).help or f.doc,
-                          override=ARGUMENTS.get(f.name, Override()))
-                 for f in fields)
+    """Engine options (`engine.options.option_fields`: flat, cfg_parallel for parallel.cfg) as
+    arguments (`ARGUMENTS` applied)."""
+    out = []
+    for f in fields:
+        o = ARGUMENTS.get(f.name, Override())
+        out.append(Argument(name=f.name, fields=(f.name,), annotation=f.annotation, default=f.default,
+                            required=False, doc=o.help or f.doc, override=o))
+    return tuple(out)
 
 
 def build_request(prompt: str, **values: Any) -> GenerationRequest:
@@ -175,19 +178,17 @@ def build_request(prompt: str, **values: Any) -> GenerationRequest:
         raise TypeError(f"unknown request argument(s) {', '.join(unknown)}; known: {', '.join(args)}")
     fields: dict[str, Any] = {}
     for name, value in values.items():
-        fields.update(args[name].values(value))
+        fields.update(args[name].to_fields(value))
     return GenerationRequest(prompt=prompt, **fields)
 
 
-def facade_option_arguments(options_cls: type, skip: Iterable[str] = ()) -> tuple[Argument, ...]:
+def facade_option_arguments(options_cls: type) -> tuple[Argument, ...]:
     """The top-level fields of the options dataclass (EngineOptions) as the facade's keywords; a
     nested options dataclass (parallel) also takes a dict of its fields and, lacking a docstring
     of its own, is described by its class's."""
     hints, docs = get_type_hints(options_cls), field_docs(options_cls)
     out = []
     for f in dataclasses.fields(options_cls):
-        if f.name in skip:
-            continue
         annotation = hints[f.name]
         doc = docs.get(f.name, "")
         if dataclasses.is_dataclass(annotation):

@@ -5,6 +5,10 @@ encoders/decoder, a placement group for the DiT group), `max_ongoing_requests` a
 `max_queued_requests` are decided. `serve_config.yaml` may still override a deployment's
 options in its `deployments:` list (Ray Serve's own mechanism); the builder itself never
 branches elsewhere.
+
+The engine options of `AppArgs` (`EngineArgs`) are derived from `EngineOptions`
+(engine/options.py): names (flat: `cfg_parallel`, `ulysses_degree`), types, defaults and
+descriptions; a new option is a new argument with no edit here.
 """
 from __future__ import annotations
 
