@@ -113,11 +113,13 @@ def save_quantized_dit(model: nn.Module, config: dict[str, Any], mode: str, out_
 
 
 def quantize_checkpoint(src: str, out: str, mode: str) -> str:
-    """Write a copy of the diffusers-layout checkpoint `src` to `out` with its DiT pre-quantized
-    to `mode` (quantized on the CPU, as at load time); the other components are hard-linked (or
-    copied where links cannot be made). Returns `out`."""
-    from engine.families import get_family
+    """Write a copy of the diffusers-layout checkpoint `src` to `out` with its DiTs (every expert:
+    `transformer/`, and `transformer_2/` for Wan2.2 A14B) pre-quantized to `mode` (quantized on
+    the CPU, as at load time); the other components are hard-linked (or copied where links cannot
+    be made). Returns `out`. Host memory: every expert's 8-bit weights at once (the family loads
+    them together)."""
     from engine.checkpoint import resolve_checkpoint
+    from engine.families import get_family
     from engine.loading import read_json
     from engine.options import EngineOptions
 
@@ -126,24 +128,27 @@ def quantize_checkpoint(src: str, out: str, mode: str) -> str:
     ckpt = resolve_checkpoint(src)
     if ckpt.layout != "diffusers":
         raise ValueError(f"quantize needs a diffusers-layout checkpoint; {src} is {ckpt.layout!r}")
-    config = read_json(ckpt.file("transformer", "config.json"))
-    if stored_quantization(config):
-        raise ValueError(f"{src} is already pre-quantized ({config[QUANT_CONFIG_KEY]})")
+    experts = [expert.name for expert in ckpt.spec.experts]        # the DiTs' folder names
+    configs = {name: read_json(ckpt.file(name, "config.json")) for name in experts}
+    for name, config in configs.items():
+        if stored_quantization(config):
+            raise ValueError(f"{src} is already pre-quantized ({name}: {config[QUANT_CONFIG_KEY]})")
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"output folder {out} exists and is not empty")
-    # 1. every component but the DiT: linked (no copy of the large encoders)
+    # 1. every component but the DiTs: linked (no copy of the large encoders)
     for root, _, files in os.walk(ckpt.path):
         rel = os.path.relpath(root, ckpt.path)
-        if rel.split(os.sep)[0] == "transformer":
+        if rel.split(os.sep)[0] in configs:
             continue
         os.makedirs(os.path.join(out, rel), exist_ok=True)
         for f in files:
             _link_or_copy(os.path.join(root, f), os.path.join(out, rel, f))
-    # 2. the DiT, quantized on the CPU (bf16 weights, the load-time recipe), then written
+    # 2. the DiTs, quantized on the CPU (bf16 weights, the load-time recipe), then written
     options = EngineOptions(device="cpu", dtype="bfloat16", quantization=mode)
-    model = get_family(ckpt.spec.family).load_transformer(ckpt, options)
-    nbytes = save_quantized_dit(model, config, mode, os.path.join(out, "transformer"))
-    log.info("wrote %s: DiT %s, %.2f GiB", out, mode, nbytes / 2**30)
+    dits = get_family(ckpt.spec.family).load_dits(ckpt, options)
+    for name in experts:
+        nbytes = save_quantized_dit(dits.pop(name), configs[name], mode, os.path.join(out, name))
+        log.info("wrote %s/%s: DiT %s, %.2f GiB", out, name, mode, nbytes / 2**30)
     return out
 
 

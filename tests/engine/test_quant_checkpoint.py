@@ -126,3 +126,23 @@ def test_fused_attention_on_quantized_linears_equals_unfused(quantized_dirs):
     fused = [m for n, m in model.named_modules() if n.endswith("to_qkv")]
     assert fused and all(isinstance(m, Int8Linear) for m in fused)
     torch.testing.assert_close(forward(model, inputs), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_two_experts_are_both_quantized(tmp_path):
+    """Wan2.2 A14B: `transformer/` and `transformer_2/` are both written 8-bit, each equal to
+    quantizing that expert at load time (and the two stay different experts)."""
+    from engine.registry import get_spec
+
+    src = get_spec("tiny-wan2.2-a14b").materialize()
+    out = quantize_checkpoint(src, str(tmp_path / "a14b-int8"), "int8")
+    options = EngineOptions(device="cpu", dtype="bfloat16", quantization="int8")
+    at_load = family().load_dits(resolve_checkpoint(src), options)
+    pre = family().load_dits(resolve_checkpoint(out), options)
+    assert sorted(pre) == ["transformer", "transformer_2"]
+    for name in pre:
+        with open(os.path.join(out, name, "config.json")) as fh:
+            assert json.load(fh)[QUANT_CONFIG_KEY] == {"mode": "int8"}
+        sd_a, sd_p = at_load[name].state_dict(), pre[name].state_dict()
+        assert sd_a.keys() == sd_p.keys() and all(torch.equal(sd_a[k], sd_p[k]) for k in sd_a), name
+    inputs = dit_inputs(pre["transformer"].config)
+    assert not torch.equal(forward(pre["transformer"], inputs), forward(pre["transformer_2"], inputs))
