@@ -40,7 +40,7 @@ def add_argument(parser: argparse.ArgumentParser, arg: Argument) -> None:
     elif choices:
         kwargs.update(choices=list(choices), type=type(choices[0]))
     elif annotation is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction if arg.default else "store_true"
+        kwargs["action"] = "store_true" if arg.default is False else argparse.BooleanOptionalAction
     elif get_origin(annotation) in (list, tuple, set, frozenset):
         kwargs.update(nargs="+", type=_scalar((get_args(annotation) or (str,))[0]))
     else:
