@@ -298,7 +298,8 @@ class ConditionEmbedder(nn.Module):
         context (B, L_txt, D), image_context (B, L_img, D) or None."""
         # 1. timestep -> temb for the head, and 6 modulation vectors for the blocks (per token:
         #    every token's timestep embedded, as diffusers' 2-D case)
-        t_freq = timestep_embedding(timestep.flatten(), self.freq_dim).unflatten(0, timestep.shape)  # (B, [L,] freq_dim) float32
+        t_freq = timestep_embedding(timestep.flatten(), self.freq_dim)  # (B [* L], freq_dim) float32
+        t_freq = t_freq.unflatten(0, timestep.shape)  # (B, [L,] freq_dim)
         t_freq = t_freq.to(self.time_embedder.linear_1.weight.dtype)  # float32 when kept in fp32
         temb = self.time_embedder(t_freq).type_as(context)  # (B, [L,] D)
         timestep_proj = self.time_proj(F.silu(temb))  # (B, [L,] 6 * D)
@@ -523,8 +524,8 @@ class WanTransformer(nn.Module):
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, image_context: Tensor | None = None) -> Tensor:
         """x (B, C_in, F, H, W); timestep in [0, 1000]: (B,) one per sample (or one value for all),
         or (B, L) one per token (L = F' * H' * W' in (f, h, w) order; Wan2.2 TI2V image-to-video
-        puts the first latent frame's tokens at 0); context (B, L_txt, text_dim); image_context (B, L_img, image_dim) for
-        I2V models with a CLIP branch, else None. Returns (B, C_out, F, H, W)."""
+        puts the first latent frame's tokens at 0); context (B, L_txt, text_dim); image_context
+        (B, L_img, image_dim) for I2V models with a CLIP branch, else None. Returns (B, C_out, F, H, W)."""
         cfg = self.config
         grid = self._token_grid(x.shape)  # (F', H', W')
         b, _, f, h, w = x.shape
@@ -577,14 +578,14 @@ class WanTransformer(nn.Module):
 
     @staticmethod
     def _check_timestep(timestep: Tensor, batch: int, tokens: int) -> Tensor:
-        """(B,) or one value -> (B,); (B, L) or (1, L) -> (B, L); anything else refused."""
+        """One value -> (B,); (B,) kept; (B, L) or (1, L) -> (B, L); anything else refused."""
+        if timestep.numel() == 1:
+            return timestep.reshape(-1).expand(batch)
         if timestep.dim() == 2:
             if timestep.shape[1] != tokens or timestep.shape[0] not in (1, batch):
                 raise ValueError(f"a per-token timestep must be (B={batch}, L={tokens}) (one per patched "
                                  f"latent token), got {tuple(timestep.shape)}")
             return timestep.expand(batch, tokens)
-        if timestep.numel() == 1:
-            return timestep.reshape(-1).expand(batch)
         if timestep.dim() != 1 or timestep.shape[0] != batch:
             raise ValueError(f"timestep must be (B={batch},) one per sample, or (B, L={tokens}) one per "
                              f"token, got {tuple(timestep.shape)}")
