@@ -158,23 +158,34 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     prompt: str
+    """What to generate (non-empty; at most the model's max_prompt_chars characters)."""
     negative_prompt: str | None = None
+    """What to steer away from (the unconditional branch of guidance); None = the model's default."""
     image: Any = None
     """Image-to-video input: PIL image, encoded bytes, base64 string or array (see module doc)."""
     num_frames: int | None = None
+    """Frames of the video: temporal_stride*k+1 (4k+1 for Wan, e.g. 81); video models only."""
     height: int | None = None
+    """Pixels; a multiple of the model's spatial stride (16 for Wan2.1, 32 for Wan2.2 TI2V)."""
     width: int | None = None
+    """Pixels; a multiple of the model's spatial stride."""
     steps: int | None = None
+    """Denoising steps (1..1000)."""
     guidance_scale: float | None = None
-    """<= 1 turns classifier-free guidance off (no negative branch)."""
+    """Classifier-free guidance scale (of the high-noise expert, for two-expert models); <= 1 turns
+    guidance off (no negative branch)."""
     guidance_scale_2: float | None = None
     """Guidance of the second (low-noise) expert of a two-expert model (Wan2.2 A14B); None = the
     model's default (or guidance_scale). Refused for one-expert models."""
     shift: float | None = None
+    """Flow-matching sigma shift (higher spends more steps at high noise); None = the model's
+    default (for a diffusers-layout checkpoint: its scheduler config's)."""
     sampler: str | None = None
+    """Sampler name (unipc, euler, euler_a, dpmpp_2m, or an alias); None = the model's default."""
     seed: int | None = None
     """0 .. 2**63-1; None draws a random seed (recorded in the resolved request)."""
     fps: int | None = None
+    """Frames per second of the output video; video models only."""
     output_type: OutputType | None = None
     """"mp4" (video models' default), "png" (image models' default), "np" pixels, or "latent"."""
     latents: Any = None
@@ -363,6 +374,7 @@ class GenerationRequest(BaseModel):
             shift=d.shift if self.shift is None else self.shift,
             sampler=sampler,
             timesteps=d.timesteps,
+            dynamic_shift=d.dynamic_shift is not None and self.shift is None,
             seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
             fps=(d.fps if self.fps is None else self.fps) if video else 0,
             output_type=output_type,
@@ -394,6 +406,8 @@ class ResolvedRequest(BaseModel):
     sampler: str
     timesteps: tuple[float, ...] | None = None
     """Fixed training timesteps (step-distilled models), else None."""
+    dynamic_shift: bool = False
+    """The model's resolution-dependent shift applies (the request left `shift` unset)."""
     seed: int
     fps: int
     """0 for image models."""
