@@ -59,18 +59,19 @@ def find_spec(name: str) -> ModelSpec | None:
 
 
 def with_scheduler_defaults(spec: ModelSpec, path: str, layout: Layout) -> ModelSpec:
-    """For a diffusers-layout folder with a scheduler config: the spec with that config's solver
-    and shift as its defaults (a config option the samplers do not implement raises)."""
-    file = os.path.join(path, SCHEDULER_CONFIG)
-    if layout != "diffusers" or not os.path.isfile(file):
+    """For a diffusers-layout folder with a scheduler config: the spec with the schedule that config
+    and the folder's pipeline imply (solver, shift, dynamic shift, terminal stretch, spacing) as
+    its defaults; a config option the samplers do not implement raises ValueError naming it."""
+    if layout != "diffusers" or not os.path.isfile(os.path.join(path, SCHEDULER_CONFIG)):
         return spec
-    from engine.samplers.config import scheduler_defaults
+    from engine.samplers.config import checkpoint_scheduler_defaults
 
     try:
-        found = scheduler_defaults(read_json(file))
+        found = checkpoint_scheduler_defaults(path)
     except ValueError as err:
-        raise ValueError(f"{file}: {err}") from None
-    return spec.with_defaults(sampler=found.sampler, shift=found.shift)
+        raise ValueError(f"{os.path.join(path, SCHEDULER_CONFIG)}: {err}") from None
+    return spec.with_defaults(sampler=found.sampler, shift=found.shift, dynamic_shift=found.dynamic,
+                              shift_terminal=found.shift_terminal, spacing=found.spacing)
 
 
 def resolve_checkpoint(model: str, spec_name: str | None = None) -> Checkpoint:

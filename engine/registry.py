@@ -11,6 +11,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+from engine.samplers.schedule import DynamicShift
+
 Task = Literal["t2v", "i2v", "t2i", "edit"]
 Modality = Literal["video", "image"]
 Guidance = Literal["cfg", "none"]
@@ -36,6 +38,12 @@ class SamplingDefaults:
     timesteps: tuple[float, ...] | None = None
     """Fixed training timesteps of a step-distilled model (e.g. (1000, 750, 500, 250)); None =
     `steps` spaced timesteps."""
+    dynamic_shift: DynamicShift | None = None
+    """Resolution-dependent shift (replaces `shift` when a request leaves shift unset)."""
+    shift_terminal: float | None = None
+    """Stretch the shifted sigmas so the last equals this (engine.samplers), or None."""
+    spacing: str = "scheduler"
+    """The unshifted sigmas the model's pipeline uses (engine.samplers.SPACINGS)."""
 
 
 @dataclass(frozen=True)

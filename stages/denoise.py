@@ -81,8 +81,15 @@ class DenoiseStage(Stage):
         context = text.context.to(device, dtype)[None]                       # (1, L, D)
         negative = text.negative_context.to(device, dtype)[None] if request.do_cfg else None
 
-        # 2. The phased sampler loop.
-        sampler = make_sampler(request.sampler, request.steps, request.shift, timesteps=request.timesteps)
+        # 2. The phased sampler loop (the schedule as the model's pipeline builds it; euler_a draws
+        #    its step noise from the request's seed).
+        d = self.spec.defaults
+        _, f_lat, h_lat, w_lat = request.latent_shape
+        patch = self.spec.latent.patch
+        sampler = make_sampler(
+            request.sampler, request.steps, request.shift, timesteps=request.timesteps,
+            dynamic=d.dynamic_shift if request.dynamic_shift else None, shift_terminal=d.shift_terminal,
+            spacing=d.spacing, image_seq_len=f_lat * (h_lat // patch) * (w_lat // patch), seed=request.seed)
         phases = make_phases(self.spec, request.guidance_scale, request.guidance_scale_2)
         latents = run_phases(phases, self.predictors, self.dits, self.adapter, sampler, latents, context,
                              negative, image, dtype, progress=progress, should_cancel=should_cancel)
