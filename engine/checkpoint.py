@@ -1,5 +1,6 @@
 """Resolving a model to a checkpoint: a registry name or alias, or a local folder, its layout, and
-the variant it holds (asked of the model families, never read from the folder's name).
+the variant it holds (asked of the model families, never read from the folder's name); and
+writing a pre-quantized copy of one (`quantize_checkpoint`).
 
 Layouts:
 - "diffusers": `model_index.json` and one sub-folder per component. The sampling defaults
@@ -14,8 +15,9 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import shutil
 
-from engine.families import detect_spec
+from engine.families import detect_spec, get_family
 from engine.loading import (
     DIFFUSERS_MARKER, OFFICIAL_CONFIG, OFFICIAL_EXPERT_DIRS, OFFICIAL_WEIGHTS_STEM, Checkpoint, Layout, read_json,
 )
@@ -111,4 +113,47 @@ def resolve_checkpoint(model: str, spec_name: str | None = None) -> Checkpoint:
     return Checkpoint(path=path, layout=layout, spec=spec)
 
 
-__all__ = ["Checkpoint", "detect_layout", "find_spec", "get_spec", "resolve_checkpoint"]
+def quantize_checkpoint(src: str, out: str, mode: str) -> str:
+    """Write a copy of the diffusers-layout checkpoint `src` to `out` with its DiTs (every expert:
+    `transformer/`, and `transformer_2/` for Wan2.2 A14B) pre-quantized to `mode` (quantized on
+    the CPU, as at load time); the other components are hard-linked (or copied where links cannot
+    be made). Returns `out`. Host memory: every expert's 8-bit weights at once (the family loads
+    them together)."""
+    from engine.options import EngineOptions
+    from engine.quant.checkpoint import QUANT_CONFIG_KEY, save_quantized_dit, stored_quantization
+    from engine.quant.linear import QUANT_MODES
+
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization must be one of {sorted(QUANT_MODES)}, got {mode!r}")
+    ckpt = resolve_checkpoint(src)
+    if ckpt.layout != "diffusers":
+        raise ValueError(f"quantize needs a diffusers-layout checkpoint; {src} is {ckpt.layout!r}")
+    experts = [expert.name for expert in ckpt.spec.experts]        # the DiTs' folder names
+    configs = {name: read_json(ckpt.file(name, "config.json")) for name in experts}
+    for name, config in configs.items():
+        if stored_quantization(config):
+            raise ValueError(f"{src} is already pre-quantized ({name}: {config[QUANT_CONFIG_KEY]})")
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"output folder {out} exists and is not empty")
+    # 1. every component but the DiTs: linked (no copy of the large encoders)
+    for root, _, files in os.walk(ckpt.path):
+        rel = os.path.relpath(root, ckpt.path)
+        if rel.split(os.sep)[0] in configs:
+            continue
+        os.makedirs(os.path.join(out, rel), exist_ok=True)
+        for f in files:
+            _link_or_copy(os.path.join(root, f), os.path.join(out, rel, f))
+    # 2. the DiTs, quantized on the CPU (bf16 weights, the load-time recipe), then written
+    options = EngineOptions(device="cpu", dtype="bfloat16", quantization=mode)
+    dits = get_family(ckpt.spec.family).load_dits(ckpt, options)
+    for name in experts:
+        nbytes = save_quantized_dit(dits.pop(name), configs[name], mode, os.path.join(out, name))
+        log.info("wrote %s/%s: DiT %s, %.2f GiB", out, name, mode, nbytes / 2**30)
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(os.path.realpath(src), dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -222,7 +222,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
 
 def quantize_main(args: argparse.Namespace) -> int:
-    from engine.quant.checkpoint import quantize_checkpoint
+    from engine.checkpoint import quantize_checkpoint
 
     t0 = time.perf_counter()
     try:

@@ -10,13 +10,14 @@ those tensors: peak memory is the 8-bit model, and the result equals quantizing 
 
     lightx2v quantize /models/Wan2.1-T2V-14B-Diffusers --quantization fp8 -o /models/Wan-14B-fp8
     LightX2V.from_pretrained("/models/Wan-14B-fp8", quantization="fp8")
+
+Writing one (`quantize_checkpoint`) needs the families and lives above them, in engine/checkpoint.py.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 from typing import Any, Callable, Iterable
 
 import torch
@@ -110,50 +111,3 @@ def save_quantized_dit(model: nn.Module, config: dict[str, Any], mode: str, out_
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump({**config, QUANT_CONFIG_KEY: {"mode": mode}}, fh, indent=1)
     return total
-
-
-def quantize_checkpoint(src: str, out: str, mode: str) -> str:
-    """Write a copy of the diffusers-layout checkpoint `src` to `out` with its DiTs (every expert:
-    `transformer/`, and `transformer_2/` for Wan2.2 A14B) pre-quantized to `mode` (quantized on
-    the CPU, as at load time); the other components are hard-linked (or copied where links cannot
-    be made). Returns `out`. Host memory: every expert's 8-bit weights at once (the family loads
-    them together)."""
-    from engine.checkpoint import resolve_checkpoint
-    from engine.families import get_family
-    from engine.loading import read_json
-    from engine.options import EngineOptions
-
-    if mode not in QUANT_MODES:
-        raise ValueError(f"quantization must be one of {sorted(QUANT_MODES)}, got {mode!r}")
-    ckpt = resolve_checkpoint(src)
-    if ckpt.layout != "diffusers":
-        raise ValueError(f"quantize needs a diffusers-layout checkpoint; {src} is {ckpt.layout!r}")
-    experts = [expert.name for expert in ckpt.spec.experts]        # the DiTs' folder names
-    configs = {name: read_json(ckpt.file(name, "config.json")) for name in experts}
-    for name, config in configs.items():
-        if stored_quantization(config):
-            raise ValueError(f"{src} is already pre-quantized ({name}: {config[QUANT_CONFIG_KEY]})")
-    if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"output folder {out} exists and is not empty")
-    # 1. every component but the DiTs: linked (no copy of the large encoders)
-    for root, _, files in os.walk(ckpt.path):
-        rel = os.path.relpath(root, ckpt.path)
-        if rel.split(os.sep)[0] in configs:
-            continue
-        os.makedirs(os.path.join(out, rel), exist_ok=True)
-        for f in files:
-            _link_or_copy(os.path.join(root, f), os.path.join(out, rel, f))
-    # 2. the DiTs, quantized on the CPU (bf16 weights, the load-time recipe), then written
-    options = EngineOptions(device="cpu", dtype="bfloat16", quantization=mode)
-    dits = get_family(ckpt.spec.family).load_dits(ckpt, options)
-    for name in experts:
-        nbytes = save_quantized_dit(dits.pop(name), configs[name], mode, os.path.join(out, name))
-        log.info("wrote %s/%s: DiT %s, %.2f GiB", out, name, mode, nbytes / 2**30)
-    return out
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(os.path.realpath(src), dst)
-    except OSError:
-        shutil.copy2(src, dst)

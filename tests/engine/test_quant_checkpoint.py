@@ -13,7 +13,8 @@ from engine.families import get_family
 from engine.checkpoint import resolve_checkpoint
 from engine.options import EngineOptions
 from engine.quant import FP8Linear, Int8Linear, QuantLinear
-from engine.quant.checkpoint import QUANT_CONFIG_KEY, quantize_checkpoint
+from engine.checkpoint import quantize_checkpoint
+from engine.quant.checkpoint import QUANT_CONFIG_KEY
 from lightx2v.cli import main as cli_main
 
 sys.path.insert(0, os.path.dirname(__file__))
