@@ -1,13 +1,12 @@
-"""Wan2.2 whole-pipeline parity with diffusers 0.42.1 (float32, CPU) on the same tiny random weights.
+"""Wan2.2 whole-pipeline parity with diffusers 0.42.1 (float32, CPU) on the same tiny random
+weights, through the shared `FamilyParityMixin` (meta build, key maps both ways, parity, deliberate
+mistakes, official layout).
 
 Each checkpoint is written by `engine.models.wan.tiny.write_tiny` (diffusers layout; fan-in-scaled
 random weights, attention sharpened with `qk_gain` so that what is attended matters) and loaded
-both by diffusers' pipelines and by our loader.
-The solver and shift are left to the checkpoint's own scheduler config on both sides (its
-flow_shift differs from the registry's default for the variant, so ignoring it fails the test).
-Each test also shows it could fail: guidance off, the expert boundary moved off an exact
-timestep, or the image tokens timed like the others change the result by far more than the
-tolerance.
+both by diffusers' pipelines and by our loader. The solver and shift are left to the checkpoint's
+own scheduler config on both sides (its flow_shift differs from the registry's default for the
+variant, so ignoring it fails the test).
 """
 from __future__ import annotations
 
@@ -18,21 +17,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from engine.checkpoint import resolve_checkpoint
 from engine.denoise import make_phases, phase_at
-from engine.models.wan import tiny
-from engine.options import EngineOptions
+from engine.models.wan import keymap_dit, keymap_t5, keymap_vae, tiny
 from stages.pipeline import LocalPipeline
 from stages.request import GenerationRequest
+from tests.engine.models.parity import NEGATIVE, PROMPT, SEED, FamilyParityMixin, our_latents, rel_err
 
 diffusers = pytest.importorskip("diffusers")
-torch.set_num_threads(1)
 
-TOL = 1e-3
-PROMPT, NEGATIVE, SEED = "a red fox runs in the snow", "blurry, static", 42
 QK_GAIN = 3.0
-FLOW_SHIFT = 3.0  # the diffusers Wan2.2 A14B releases' scheduler flow_shift
+FLOW_SHIFT = 3.0   # the diffusers Wan2.2 A14B releases' scheduler flow_shift (tiny entry: 3.0 too)
+TI2V_SHIFT = 5.0   # the diffusers TI2V-5B release's (the tiny entry's default is 3.0)
 
 A14B_T2V = tiny.TinyVariant(
     "parity-wan2.2-a14b-t2v", {**tiny.TINY_A14B_DIT, "in_channels": 16}, tiny.TINY_VAE, experts=2,
@@ -41,16 +38,10 @@ A14B_T2V = tiny.TinyVariant(
                  "image_encoder": [None, None], "image_processor": [None, None]})
 
 
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
-    return float((a - b).norm() / b.norm())
-
-
 def diffusers_transformer(ckpt_dir: str, folder: str):
     """diffusers' DiT from a `transformer*/` folder (config + strict state dict: `from_pretrained`
     of this class would need `accelerate` for its keep-in-fp32 path)."""
     from diffusers import WanTransformer3DModel
-    from safetensors.torch import load_file
 
     path = os.path.join(ckpt_dir, folder)
     model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(path))
@@ -58,192 +49,152 @@ def diffusers_transformer(ckpt_dir: str, folder: str):
     return model.eval()
 
 
-def _image() -> Image.Image:
+def image() -> Image.Image:
     rng = np.random.default_rng(3)
     return Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8))
+
+
+class WanParity(FamilyParityMixin):
+    """The Wan hooks; subclasses name the variant, the diffusers pipeline and the cases."""
+
+    variant: "str | tiny.TinyVariant"
+    shift: float
+    experts = ("transformer",)
+
+    def write_checkpoint(self, root: str) -> str:
+        tiny.write_tiny(root, self.variant, qk_gain=QK_GAIN, scheduler={"flow_shift": self.shift})
+        return root
+
+    def write_official(self, diffusers_dir: str, root: str) -> str:
+        return tiny.write_official_layout(diffusers_dir, root)
+
+    @property
+    def official_changes(self) -> dict:  # the official layout samples at the registry's defaults
+        return {"shift": self.shift, "sampler": "unipc"}
+
+    def pipeline(self, ckpt_dir: str, cls):
+        dits = {name: diffusers_transformer(ckpt_dir, name) for name in self.experts}
+        pipe = cls.from_pretrained(ckpt_dir, **dits)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def call(self, pipe, **kw):
+        extra = {k: kw[k] for k in ("image", "guidance_scale_2") if k in kw}
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=kw["height"], width=kw["width"],
+                    num_frames=kw["num_frames"], num_inference_steps=kw["steps"],
+                    guidance_scale=kw["guidance_scale"], generator=torch.Generator("cpu").manual_seed(SEED),
+                    output_type="latent", **extra).frames[0]
+
+    def key_maps(self, ckpt_dir: str):
+        vae = load_file(os.path.join(ckpt_dir, "vae", "diffusion_pytorch_model.safetensors"))
+        vae22 = "encoder.down_blocks.0.resnets.0.conv1.weight" in vae  # the 2.2 VAE nests its blocks
+        t5 = load_file(os.path.join(ckpt_dir, "text_encoder", "model.safetensors"))
+        t5.setdefault("encoder.embed_tokens.weight", t5["shared.weight"])  # tied: the official file has both
+        maps = [("text encoder", t5, keymap_t5.hf_to_official, keymap_t5.official_to_hf),
+                ("vae", vae, *((keymap_vae.diffusers_to_official_vae22, keymap_vae.official_vae22_to_diffusers)
+                               if vae22 else (keymap_vae.diffusers_to_official, keymap_vae.official_to_diffusers)))]
+        for name in self.experts:
+            dit = load_file(os.path.join(ckpt_dir, name, "diffusion_pytorch_model.safetensors"))
+            maps.append((name, dit, keymap_dit.diffusers_to_official, keymap_dit.official_to_diffusers))
+        return maps
+
+    def skeletons(self, ckpt_dir: str):
+        from engine.loading import read_json
+        from engine.models.wan.transformer import WanDiTConfig, WanTransformer
+
+        out = {}
+        for name in self.experts:
+            config = WanDiTConfig.from_dict(read_json(os.path.join(ckpt_dir, name, "config.json")))
+            with torch.device("meta"):
+                out[name] = WanTransformer(config)
+        return out
 
 
 # --------------------------------------------------------------------------- A14B text-to-video
 
 
-@pytest.fixture(scope="module")
-def a14b_dir(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("a14b"))
-    tiny.write_tiny(root, A14B_T2V, qk_gain=QK_GAIN, scheduler={"flow_shift": FLOW_SHIFT})
-    return root
+class TestWan22A14BT2V(WanParity):
+    variant, shift = A14B_T2V, FLOW_SHIFT
+    experts = ("transformer", "transformer_2")
+    cases = {"t2v": dict(num_frames=5, height=32, width=48, steps=10, guidance_scale=4.0, guidance_scale_2=3.0)}
+    could_fail = {"guidance off": ("t2v", dict(guidance_scale=1.0)),
+                  "another low-noise scale": ("t2v", dict(guidance_scale_2=4.0))}
 
+    def reference(self, ckpt_dir):
+        from diffusers import WanPipeline
 
-@pytest.fixture(scope="module")
-def a14b_ours(a14b_dir):
-    ckpt = resolve_checkpoint(a14b_dir)
-    assert [e.name for e in ckpt.spec.experts] == ["transformer", "transformer_2"]
-    assert ckpt.spec.boundary_ratio == 0.875 and ckpt.spec.tasks == frozenset({"t2v"})
-    assert ckpt.spec.defaults.shift == FLOW_SHIFT  # from the checkpoint's scheduler config
-    return LocalPipeline.from_checkpoint(ckpt, EngineOptions(device="cpu", dtype="float32"))
+        pipe = self.pipeline(ckpt_dir, WanPipeline)
+        return lambda **kw: self.call(pipe, **kw)
 
+    def test_the_checkpoint_is_read_as_two_experts_with_its_scheduler(self, ours):
+        spec = ours.spec
+        assert [e.name for e in spec.experts] == ["transformer", "transformer_2"]
+        assert spec.boundary_ratio == 0.875 and spec.tasks == frozenset({"t2v"})
+        assert spec.defaults.shift == FLOW_SHIFT  # from the checkpoint's scheduler config
 
-@pytest.fixture(scope="module")
-def a14b_ref(a14b_dir):
-    from diffusers import WanPipeline
+    def test_both_experts_serve_and_the_boundary_is_hit_exactly(self, ours):
+        from engine.samplers import make_sampler
 
-    pipe = WanPipeline.from_pretrained(a14b_dir, transformer=diffusers_transformer(a14b_dir, "transformer"),
-                                       transformer_2=diffusers_transformer(a14b_dir, "transformer_2"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        spec = ours.spec
+        timesteps = make_sampler(spec.defaults.sampler, 10, spec.defaults.shift).timesteps
+        assert 875.0 in timesteps.tolist()  # the boundary 0.875 * 1000 is one of the timesteps
+        phases = make_phases(spec, 4.0, 3.0)
+        experts = [phase_at(phases, t).expert for t in timesteps]
+        assert experts[timesteps.tolist().index(875.0)] == "transformer"  # equality -> high noise, as diffusers
+        assert {"transformer", "transformer_2"} == set(experts)
 
+    def test_boundary_equality_matters(self, ours, ref_latents):
+        """Moving the boundary just above 875 sends that step to the low-noise expert: a visible change."""
+        from stages.denoise import DenoiseStage
 
-A14B_CALL = dict(num_frames=5, height=32, width=48, steps=10, guidance_scale=4.0, guidance_scale_2=3.0)
-
-
-def _a14b_ref_latents(pipe, **changes):
-    kw = {**A14B_CALL, **changes}
-    return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=kw["height"], width=kw["width"],
-                num_frames=kw["num_frames"], num_inference_steps=kw["steps"], guidance_scale=kw["guidance_scale"],
-                guidance_scale_2=kw["guidance_scale_2"], generator=torch.Generator("cpu").manual_seed(SEED),
-                output_type="latent").frames[0]
-
-
-def _a14b_ours(pipe, **changes):
-    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, output_type="latent",
-                                **{**A14B_CALL, **changes})
-    return pipe.run(request).output.latents
-
-
-def test_a14b_t2v_uses_both_experts_and_hits_the_boundary_exactly(a14b_ours):
-    from engine.samplers import make_sampler
-
-    spec = a14b_ours.spec
-    sampler = make_sampler(spec.defaults.sampler, A14B_CALL["steps"], spec.defaults.shift)
-    timesteps = sampler.timesteps
-    assert 875.0 in timesteps.tolist()  # the boundary 0.875 * 1000 is one of the timesteps
-    phases = make_phases(spec, 4.0, 3.0)
-    experts = [phase_at(phases, t).expert for t in timesteps]
-    assert experts[timesteps.tolist().index(875.0)] == "transformer"  # equality -> high-noise, as diffusers
-    assert {"transformer", "transformer_2"} == set(experts)
-
-
-def test_a14b_t2v_matches_diffusers(a14b_ours, a14b_ref):
-    ref = _a14b_ref_latents(a14b_ref)
-    ours = _a14b_ours(a14b_ours)
-    assert ours.shape == ref.shape == (16, 2, 4, 6)
-    assert ref.abs().mean() > 0.1
-    assert rel_err(ours, ref) < TOL
-    # could fail: guidance off, or another low-noise scale, moves the result far beyond TOL
-    assert rel_err(_a14b_ours(a14b_ours, guidance_scale=1.0), ref) > 100 * TOL
-    assert rel_err(_a14b_ours(a14b_ours, guidance_scale_2=4.0), ref) > 10 * TOL
-
-
-def test_a14b_boundary_equality_matters(a14b_ours, a14b_ref):
-    """Moving the boundary just above 875 sends that step to the low-noise expert: a visible change."""
-    ref = _a14b_ref_latents(a14b_ref)
-    moved = LocalPipeline(dataclasses.replace(a14b_ours.spec, boundary_ratio=0.8751), a14b_ours.text,
-                          _with_spec(a14b_ours.denoise, boundary_ratio=0.8751), a14b_ours.decode)
-    assert rel_err(_a14b_ours(moved), ref) > 10 * TOL
-
-
-def _with_spec(stage, **changes):
-    from stages.denoise import DenoiseStage
-
-    return DenoiseStage(stage.dits, stage.adapter, dataclasses.replace(stage.spec, **changes), stage.options)
-
-
-def test_a14b_official_layout_loads_to_the_same_output(a14b_dir, a14b_ours, tmp_path):
-    official = tiny.write_official_layout(a14b_dir, str(tmp_path / "official"))
-    assert os.path.isdir(os.path.join(official, "high_noise_model"))
-    ckpt = resolve_checkpoint(official)
-    assert ckpt.layout == "official" and len(ckpt.spec.experts) == 2
-    pipe = LocalPipeline.from_checkpoint(ckpt, EngineOptions(device="cpu", dtype="float32"))
-    # the official layout samples at the registry's defaults; same solver and shift asked here
-    shift = a14b_ours.spec.defaults.shift
-    ours = _a14b_ours(a14b_ours)
-    other = _a14b_ours(pipe, shift=shift, sampler="unipc")
-    assert rel_err(other, ours) < 1e-5
+        d = ours.denoise
+        moved = dataclasses.replace(d.spec, boundary_ratio=0.8751)
+        pipe = LocalPipeline(moved, ours.text, DenoiseStage(d.dits, d.adapter, moved, d.options), ours.decode)
+        assert rel_err(our_latents(pipe, **self.cases["t2v"]), ref_latents["t2v"]) > self.margin * self.tol
 
 
 # --------------------------------------------------------------------------- TI2V-5B (48 channels)
 
-TI2V_SHIFT = 5.0  # the diffusers TI2V-5B release's flow_shift (the tiny entry's default is 3.0)
-TI2V_CALL = dict(num_frames=9, height=64, width=96, steps=4, guidance_scale=5.0)
 
+class TestWan22TI2V(WanParity):
+    variant, shift = "tiny-wan2.2-ti2v", TI2V_SHIFT
+    cases = {"t2v": dict(num_frames=9, height=64, width=96, steps=4, guidance_scale=5.0),
+             "i2v": dict(num_frames=9, height=64, width=96, steps=4, guidance_scale=5.0, image=image())}
+    could_fail = {"guidance off": ("t2v", dict(guidance_scale=1.0))}
 
-@pytest.fixture(scope="module")
-def ti2v_dir(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ti2v"))
-    tiny.write_tiny(root, "tiny-wan2.2-ti2v", qk_gain=QK_GAIN, scheduler={"flow_shift": TI2V_SHIFT})
-    return root
+    def reference(self, ckpt_dir):
+        from diffusers import WanImageToVideoPipeline, WanPipeline
 
+        t2v, i2v = self.pipeline(ckpt_dir, WanPipeline), self.pipeline(ckpt_dir, WanImageToVideoPipeline)
+        assert t2v.config.expand_timesteps and i2v.config.expand_timesteps
+        return lambda **kw: self.call(i2v if "image" in kw else t2v, **kw)
 
-@pytest.fixture(scope="module")
-def ti2v_ours(ti2v_dir):
-    ckpt = resolve_checkpoint(ti2v_dir)
-    assert ckpt.spec.name == "tiny-wan2.2-ti2v" and ckpt.spec.defaults.shift == TI2V_SHIFT
-    return LocalPipeline.from_checkpoint(ckpt, EngineOptions(device="cpu", dtype="float32"))
+    def test_frames_match_diffusers(self, ckpt_dir, ours, ref):
+        """Decoded pixels too (the Wan2.2 VAE after the final frame-0 blend), T2V and I2V."""
+        from diffusers import WanImageToVideoPipeline, WanPipeline
 
+        for case, cls in (("t2v", WanPipeline), ("i2v", WanImageToVideoPipeline)):
+            kw = self.cases[case]
+            pipe = self.pipeline(ckpt_dir, cls)
+            extra = {"image": kw["image"]} if "image" in kw else {}
+            want = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=kw["height"], width=kw["width"],
+                        num_frames=kw["num_frames"], num_inference_steps=kw["steps"],
+                        guidance_scale=kw["guidance_scale"], generator=torch.Generator("cpu").manual_seed(SEED),
+                        output_type="np", **extra).frames[0]
+            got = ours.run(GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, output_type="np",
+                                             **kw)).output.frames
+            assert got.shape == want.shape == (9, 64, 96, 3) and want.std() > 1e-3
+            assert rel_err(got, want) < self.tol, case
 
-def _diffusers_pipe(cls, ckpt_dir):
-    pipe = cls.from_pretrained(ckpt_dir, transformer=diffusers_transformer(ckpt_dir, "transformer"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    def test_mistimed_image_tokens_would_fail(self, ours, ref_latents, monkeypatch):
+        """The image's tokens at the step's timestep instead of 0: far from diffusers."""
+        from engine.models.wan.adapter import FirstFrameAdapter
 
+        original = FirstFrameAdapter.model_input
 
-def _ti2v_ref(pipe, output_type="latent", **extra):
-    kw = TI2V_CALL
-    return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=kw["height"], width=kw["width"],
-                num_frames=kw["num_frames"], num_inference_steps=kw["steps"], guidance_scale=kw["guidance_scale"],
-                generator=torch.Generator("cpu").manual_seed(SEED), output_type=output_type, **extra).frames[0]
+        def mistimed(self, latents, t, image, dit, dtype):
+            x, _, tokens = original(self, latents, t, image, dit, dtype)
+            return x, t.reshape(1), tokens
 
-
-def _ti2v_ours(pipe, output_type="latent", **extra):
-    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, output_type=output_type,
-                                **{**TI2V_CALL, **extra})
-    out = pipe.run(request).output
-    return out.latents if output_type == "latent" else out.frames
-
-
-def test_ti2v_t2v_matches_diffusers(ti2v_dir, ti2v_ours):
-    from diffusers import WanPipeline
-
-    ref_pipe = _diffusers_pipe(WanPipeline, ti2v_dir)
-    assert ref_pipe.config.expand_timesteps
-    ref = _ti2v_ref(ref_pipe)
-    ours = _ti2v_ours(ti2v_ours)
-    assert ours.shape == ref.shape == (48, 3, 4, 6)
-    assert rel_err(ours, ref) < TOL
-    assert rel_err(_ti2v_ours(ti2v_ours, guidance_scale=1.0), ref) > 100 * TOL
-    ours_np, ref_np = _ti2v_ours(ti2v_ours, "np"), _ti2v_ref(ref_pipe, "np")
-    assert ours_np.shape == ref_np.shape == (9, 64, 96, 3) and ref_np.std() > 1e-3
-    assert rel_err(ours_np, ref_np) < TOL
-
-
-def test_ti2v_i2v_matches_diffusers(ti2v_dir, ti2v_ours, monkeypatch):
-    from diffusers import WanImageToVideoPipeline
-
-    ref_pipe = _diffusers_pipe(WanImageToVideoPipeline, ti2v_dir)
-    image = _image()
-    ref = _ti2v_ref(ref_pipe, image=image)
-    ours = _ti2v_ours(ti2v_ours, image=image)
-    assert rel_err(ours, ref) < TOL
-    ours_np, ref_np = _ti2v_ours(ti2v_ours, "np", image=image), _ti2v_ref(ref_pipe, "np", image=image)
-    assert rel_err(ours_np, ref_np) < TOL
-    # could fail: the image tokens timed like the others (t instead of 0) change the result
-    from engine.models.wan.adapter import FirstFrameAdapter
-
-    original = FirstFrameAdapter.model_input
-
-    def mistimed(self, latents, t, image, dit, dtype):
-        x, _, tokens = original(self, latents, t, image, dit, dtype)
-        return x, t.reshape(1), tokens
-
-    monkeypatch.setattr(FirstFrameAdapter, "model_input", mistimed)
-    assert rel_err(_ti2v_ours(ti2v_ours, image=image), ref) > 10 * TOL
-
-
-def test_ti2v_official_layout_loads_to_the_same_output(ti2v_dir, ti2v_ours, tmp_path):
-    ckpt = resolve_checkpoint(tiny.write_official_layout(ti2v_dir, str(tmp_path / "official")))
-    assert ckpt.layout == "official" and ckpt.spec.name == "tiny-wan2.2-ti2v"
-    pipe = LocalPipeline.from_checkpoint(ckpt, EngineOptions(device="cpu", dtype="float32"))
-    image = _image()
-    for extra in ({}, {"image": image}):
-        a = _ti2v_ours(pipe, "np", shift=TI2V_SHIFT, **extra)
-        b = _ti2v_ours(ti2v_ours, "np", **extra)
-        assert rel_err(a, b) < 1e-5
+        monkeypatch.setattr(FirstFrameAdapter, "model_input", mistimed)
+        assert rel_err(our_latents(ours, **self.cases["i2v"]), ref_latents["i2v"]) > self.margin * self.tol
