@@ -7,8 +7,9 @@ Layouts:
   (solver, shift) of such a checkpoint come from its own `scheduler/scheduler_config.json`, as
   diffusers' pipelines sample it.
 - "official": the authors' release folder: a root `config.json` with the DiT's
-  `diffusion_pytorch_model*.safetensors`, or (two experts, Wan2.2 A14B) `high_noise_model/` and
-  `low_noise_model/` each holding both; the registry's defaults (the official repo's) apply.
+  `diffusion_pytorch_model*.safetensors`, or sub-folders each holding both (one per expert, e.g.
+  Wan2.2 A14B's `high_noise_model/`, `low_noise_model/`: which is which is the family's
+  business); the registry's defaults (the official repo's) apply.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import shutil
 
 from engine.families import detect_spec, get_family
 from engine.loading import (
-    DIFFUSERS_MARKER, OFFICIAL_CONFIG, OFFICIAL_EXPERT_DIRS, OFFICIAL_WEIGHTS_STEM, Checkpoint, Layout, read_json,
+    DIFFUSERS_MARKER, OFFICIAL_CONFIG, OFFICIAL_WEIGHTS_STEM, Checkpoint, Layout, read_json,
 )
 from engine.registry import ModelSpec, get_spec, list_specs
 
@@ -35,19 +36,19 @@ def _has_official_dit(directory: str) -> bool:
 
 def detect_layout(path: str) -> Layout:
     """"diffusers" (`model_index.json`) or "official" (a DiT config + safetensors at the root, or
-    in each expert folder)."""
+    in sub-folders: one per expert)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if os.path.isfile(os.path.join(path, DIFFUSERS_MARKER)):
         return "diffusers"
-    if _has_official_dit(path) or all(_has_official_dit(os.path.join(path, d)) for d in OFFICIAL_EXPERT_DIRS):
+    if _has_official_dit(path) or any(_has_official_dit(e.path) for e in os.scandir(path) if e.is_dir()):
         return "official"
     present = sorted(os.listdir(path))[:20]
     raise ValueError(
         f"{path} is not a checkpoint folder this engine can read. Looked for: "
         f"'{DIFFUSERS_MARKER}' (diffusers layout), or '{OFFICIAL_CONFIG}' together with "
-        f"'{OFFICIAL_WEIGHTS_STEM}*.safetensors' at the root or in {' and '.join(OFFICIAL_EXPERT_DIRS)}/ "
-        f"(official release layout). Found: {present}"
+        f"'{OFFICIAL_WEIGHTS_STEM}*.safetensors' at the root or in its sub-folders (official release "
+        f"layout). Found: {present}"
     )
 
 
@@ -76,37 +77,72 @@ def with_scheduler_defaults(spec: ModelSpec, path: str, layout: Layout) -> Model
                               shift_terminal=found.shift_terminal, spacing=found.spacing)
 
 
-def resolve_checkpoint(model: str, spec_name: str | None = None) -> Checkpoint:
-    """A registry name or alias (generated models are materialised on first use) or a local folder.
+def resolve_checkpoint(model: str, spec_name: str | None = None, *, revision: str | None = None,
+                       download: bool = False) -> Checkpoint:
+    """The checkpoint `model` names, looked for in this order (the first found wins):
 
-    For a folder the layout is detected from its files and the variant from its config, through
-    the registered model families; `spec_name` picks among variants that share an architecture
-    (e.g. "wan2.1-i2v-14b-720p" instead of the default 480p entry).
+    1. a local folder (`~` expanded);
+    2. a registry name or alias, case-insensitive (`find_spec`: "wan2.1-t2v-14b",
+       "Wan2.1-T2V-14B", "Wan-AI/Wan2.1-T2V-14B-Diffusers"); a generated (tiny) entry is
+       materialised on first use, an entry with a `source` folder uses it; for the others, and
+       for names the registry does not know, the weights are looked for in:
+    3. `$LIGHTX2V_MODEL_ROOT/<name>`: the name as given, its last path component, and the entry's
+       name and aliases (engine.hub.root_names);
+    4. the Hugging Face hub cache (HF_HUB_CACHE / HF_HOME), by the name when it is a hub id and
+       by the entry's hub ids, at `revision` (a branch, tag or commit; default "main");
+    5. with `download=True` only: a download through huggingface_hub into that cache (the hub id
+       given, else the entry's first), refused at once when HF_HUB_OFFLINE is set and failing
+       fast without network (engine.hub.download).
+
+    Nowhere: `ModelNotFoundError` (a ValueError) listing every place looked. For a folder the
+    layout is detected from its files and the variant from its config, through the registered
+    model families; a folder found for a registry entry must hold that entry's variant.
+    `spec_name` picks among variants that share an architecture (e.g. "wan2.1-i2v-14b-720p"
+    instead of the default 480p entry).
     """
-    model = os.path.expanduser(model)
-    if not os.path.isdir(model):
-        spec = find_spec(model)
-        if spec is None:
-            names = ", ".join(s.name for s in list_specs())
-            raise ValueError(
-                f"model {model!r} is neither a registered model name or alias ({names}) nor a local directory"
-            )
+    from engine import hub
+
+    search = hub.Search()
+    # 1. A local folder.
+    folder = os.path.expanduser(model)
+    if os.path.isdir(folder):
+        return _from_folder(folder, spec_name)
+    search.note(f"local folder {os.path.abspath(folder)}", "no such directory")
+    # 2. A registry name or alias.
+    spec = find_spec(model)
+    if spec is not None:
         if spec_name is not None and spec_name != spec.name:
             raise ValueError(f"spec_name={spec_name!r} conflicts with the registry name {model!r}")
-        if spec.materialize is not None:
-            path = spec.materialize()
-        elif spec.source is not None:
-            path = spec.source
+        path = spec.materialize() if spec.materialize is not None else spec.source
+        if path is not None:
+            layout = detect_layout(path)
+            return Checkpoint(path=os.path.abspath(path), layout=layout,
+                              spec=with_scheduler_defaults(spec, path, layout))
+        search.note("model registry", f"entry {spec.name} (its weights are not part of this package)")
+    else:
+        search.note("model registry", "no entry or alias of this name")
+    # 3-5. $LIGHTX2V_MODEL_ROOT, the hub cache, a download when allowed.
+    found = hub.locate(model, spec, search, revision=revision, download_allowed=download)
+    if found is None:
+        if spec is not None:
+            head = (f"model {model!r} (registry entry {spec.name}) has no local weights; pass the "
+                    f"checkpoint directory, put it in ${hub.MODEL_ROOT_ENV}/<name> or the Hugging Face "
+                    f"cache, or allow a download.")
         else:
-            raise ValueError(
-                f"model {model!r} has no local weights (nothing can be downloaded here); pass the "
-                f"checkpoint directory instead, its variant is detected from its config"
-            )
-        layout = detect_layout(path)
-        return Checkpoint(path=os.path.abspath(path), layout=layout,
-                          spec=with_scheduler_defaults(spec, path, layout))
+            names = ", ".join(s.name for s in list_specs())
+            head = (f"model {model!r} is neither a registered model name or alias ({names}) nor a local "
+                    f"directory, and was found nowhere else.")
+        raise hub.ModelNotFoundError(f"{head} Looked in:\n{search.describe()}")
+    log.info("model %r found in %s: %s", model, found.place, found.path)
+    try:
+        return _from_folder(found.path, spec.name if spec is not None else spec_name)
+    except ValueError as err:
+        raise ValueError(f"model {model!r} was found in {found.place} ({found.path}), but: {err}") from None
 
-    path = os.path.abspath(model)
+
+def _from_folder(path: str, spec_name: str | None) -> Checkpoint:
+    """A checkpoint folder: its layout, its variant (asked of the families), its scheduler defaults."""
+    path = os.path.abspath(path)
     layout = detect_layout(path)
     spec = with_scheduler_defaults(detect_spec(path, layout, spec_name), path, layout)
     log.info("checkpoint %s: %s layout, variant %s", path, layout, spec.name)

@@ -38,8 +38,6 @@ M = TypeVar("M", bound=nn.Module)
 DIFFUSERS_MARKER = "model_index.json"
 OFFICIAL_CONFIG = "config.json"
 OFFICIAL_WEIGHTS_STEM = "diffusion_pytorch_model"
-OFFICIAL_EXPERT_DIRS = ("high_noise_model", "low_noise_model")
-"""Sub-folders of an official two-expert release (Wan2.2 A14B), the high-noise expert first."""
 
 
 @dataclass(frozen=True)

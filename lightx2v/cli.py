@@ -250,7 +250,7 @@ def models_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightx2v", description="Video generation (Wan2.1, ...)")
+    parser = argparse.ArgumentParser(prog="lightx2v", description="Video generation (Wan2.1, Wan2.2)")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one video in this process")
     add_generate_arguments(gen)

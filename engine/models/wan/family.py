@@ -17,8 +17,9 @@ import os
 
 import torch
 
-from engine.loading import OFFICIAL_EXPERT_DIRS, Checkpoint, Layout, read_json
+from engine.loading import Checkpoint, Layout, read_json
 from engine.models.wan import loader
+from engine.models.wan.loader import OFFICIAL_EXPERT_DIRS
 from engine.models.wan.adapter import ConcatAdapter, FirstFrameAdapter
 from engine.models.wan.specs import (
     FAMILY, I2V_DEFAULTS, SPECS, T2V_DEFAULTS, TWO_EXPERTS, VARIANTS, WanArch, WanVariant,
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 DIFFUSERS_TRANSFORMER_CLASS = "WanTransformer3DModel"
 OFFICIAL_TRANSFORMER_CLASS = "WanModel"
 _DIFFUSERS_COMPONENTS = {"text_encoder", "tokenizer", "transformer", "vae", "scheduler"}
+
 
 
 def dit_dirs(path: str, layout: Layout, experts: int) -> list[str]:
@@ -68,6 +70,8 @@ class WanFamily:
             self._check_components(path, index, variant)
             return variant, index.get("boundary_ratio")
         experts = 1 if os.path.isfile(os.path.join(path, "config.json")) else 2
+        if experts == 2 and not all(os.path.isdir(d) for d in dit_dirs(path, layout, 2)):
+            return None  # not a Wan release: its DiTs sit in other sub-folders
         first = dit_dirs(path, layout, experts)[0]
         d = read_json(os.path.join(first, "config.json"))
         if not (d.get("_class_name") == OFFICIAL_TRANSFORMER_CLASS or {"dim", "num_heads", "in_dim"} <= d.keys()):

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # official release file names
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
 OFFICIAL_VAE22 = "Wan2.2_VAE.pth"
+OFFICIAL_EXPERT_DIRS = ("high_noise_model", "low_noise_model")
+"""The official A14B release's expert folders (high-noise first, as specs.TWO_EXPERTS)."""
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_T5_TOKENIZER = os.path.join("google", "umt5-xxl")
 OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"

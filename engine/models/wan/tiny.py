@@ -353,7 +353,7 @@ def write_official_layout(diffusers_dir: str, directory: str, num_shards: int = 
     """
     from safetensors.torch import load_file
 
-    from engine.loading import OFFICIAL_EXPERT_DIRS, read_json
+    from engine.loading import read_json
     from engine.models.wan import keymap_clip, keymap_t5, keymap_vae, loader
 
     os.makedirs(directory, exist_ok=True)
@@ -364,7 +364,7 @@ def write_official_layout(diffusers_dir: str, directory: str, num_shards: int = 
     index = read_json(src("model_index.json"))
     two_experts = (index.get("transformer_2") or [None, None])[1] is not None
     if two_experts:
-        for folder, expert_dir in zip(("transformer", "transformer_2"), OFFICIAL_EXPERT_DIRS):
+        for folder, expert_dir in zip(("transformer", "transformer_2"), loader.OFFICIAL_EXPERT_DIRS):
             _write_official_dit(src(folder), dst(expert_dir), num_shards)
     else:
         _write_official_dit(src("transformer"), directory, num_shards)
