@@ -75,6 +75,10 @@ class EngineOptions:
     """Run classifier-free guidance's two branches as one batch-2 DiT forward instead of two
     batch-1 forwards (engine/guidance.py: no faster at the real sizes on an H200, and twice the
     activation memory; it can pay for small models)."""
+    interpolator: str | None = None
+    """Frame interpolator for requests' target_fps, loaded once per decoder: a RIFE v4.x
+    `flownet.pkl` (Practical-RIFE's release; or the folder holding it), or "tiny" (random
+    weights, for tests). None: requests asking target_fps are refused."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
@@ -95,6 +99,9 @@ class EngineOptions:
         for name in ("vae_tiling", "compile", "cfg_batch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.interpolator is not None and (not isinstance(self.interpolator, str) or not self.interpolator):
+            raise ValueError(f"interpolator must be a RIFE flownet.pkl path (or its folder), \"tiny\" or None; "
+                             f"got {self.interpolator!r}")
         if not isinstance(self.parallel, ParallelConfig):
             raise ValueError(f"parallel must be a ParallelConfig, got {type(self.parallel).__name__}")
 

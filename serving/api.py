@@ -4,8 +4,8 @@ video objects, and errors in OpenAI's shape (`{"error": {message, type, param, c
 Request fields (JSON body, multipart form, or a dict through a handle):
   OpenAI's `prompt`, `model`, `size` ("WIDTHxHEIGHT"), `seconds`, `input_reference` (image),
   plus ours: `negative_prompt`, `num_frames`, `steps`, `guidance_scale`, `shift`, `sampler`,
-  `seed`, `fps`. `seconds` becomes a frame count at the request's `fps` (or the model's),
-  rounded to the nearest valid `temporal_stride * k + 1`. Everything else is checked by the
+  `seed`, `fps`, `target_fps` (frame interpolation). `seconds` becomes a frame count at the
+  request's `fps` (or the model's), rounded to the nearest valid `temporal_stride * k + 1`. Everything else is checked by the
   one request type, `stages.request.GenerationRequest`, and its `resolve(spec)`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from serving.jobstore import JobRecord
 from stages.request import MAX_FRAMES, GenerationRequest, RequestError, ResolvedRequest
 
 OUR_FIELDS = ("negative_prompt", "num_frames", "steps", "guidance_scale", "shift", "sampler",
-              "seed", "fps")
+              "seed", "fps", "target_fps")
 OPENAI_FIELDS = ("prompt", "model", "size", "seconds", "input_reference")
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -158,7 +158,8 @@ def request_params(request: ResolvedRequest) -> dict[str, Any]:
             "width": request.width, "height": request.height, "steps": request.steps,
             "guidance_scale": request.guidance_scale, "shift": request.shift,
             "sampler": request.sampler, "seed": request.seed, "fps": request.fps,
-            "task": request.task}
+            "task": request.task,
+            **({"target_fps": request.target_fps} if request.target_fps is not None else {})}
 
 
 def format_seconds(num_frames: int, fps: int) -> str:
@@ -174,7 +175,8 @@ def video_object(job: JobRecord) -> dict[str, Any]:
         "completed_at": job.completed_at, "status": job.status, "progress": job.progress,
         "model": job.model, "size": job.size, "seconds": job.seconds, "prompt": job.prompt,
         "error": error, "expires_at": None, "remixed_from_video_id": None,
-        **{k: job.params[k] for k in ("num_frames", "fps", "steps", "seed", "task") if k in job.params},
+        **{k: job.params[k] for k in ("num_frames", "fps", "target_fps", "steps", "seed", "task")
+           if k in job.params},
     }
 
 

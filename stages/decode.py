@@ -1,4 +1,8 @@
-"""Decode stages: latents -> frames (VideoFrames, output_type "np") -> MP4 (EncodedVideo)."""
+"""Decode stages: latents -> frames (VideoFrames, output_type "np") -> MP4 (EncodedVideo).
+
+A request's `target_fps` is applied here, after the VAE decode: a RIFE interpolator (the engine
+option `interpolator`, loaded once per decode stage) raises the frame rate; the output's fps and
+frame count follow (`ResolvedRequest.output_fps`, `.output_num_frames`)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -9,11 +13,12 @@ import torch
 from stages.base import Stage, StageError
 from stages.image_encode import VideoVAE
 from stages.payloads import EncodedVideo, Latents, VideoFrames
-from stages.request import ResolvedRequest
+from stages.request import RequestError, ResolvedRequest
 from stages.video import encode_mp4
 
 if TYPE_CHECKING:
     from engine.loading import Checkpoint
+    from engine.models.rife import RifeInterpolator
     from engine.options import EngineOptions
 
 
@@ -23,9 +28,16 @@ class DecodeFramesStage(Stage):
     name = "decode"
     output_type = VideoFrames
 
-    def __init__(self, vae: VideoVAE, options: "EngineOptions") -> None:
+    def __init__(self, vae: VideoVAE, options: "EngineOptions",
+                 interpolator: "RifeInterpolator | None" = None) -> None:
+        """`interpolator`: a loaded one to share (else loaded here from `options.interpolator`)."""
         self.vae = vae
         self.options = options
+        if interpolator is None and options.interpolator is not None:
+            from engine.models.rife import RifeInterpolator
+
+            interpolator = RifeInterpolator.load(options.interpolator, options.torch_device, options.torch_dtype)
+        self.interpolator = interpolator
 
     @classmethod
     def from_checkpoint(cls, ckpt: "Checkpoint", options: "EngineOptions", vae: VideoVAE | None = None):
@@ -35,8 +47,22 @@ class DecodeFramesStage(Stage):
         return cls(vae if vae is not None else get_family(ckpt.spec.family).load_vae(ckpt, options), options)
 
     def forward(self, request: ResolvedRequest, latents: Latents) -> VideoFrames:
-        frames = self.decode_to_unit_range(latents)                               # (F, H, W, 3) on device
-        return VideoFrames(frames=frames.float().cpu().numpy(), fps=request.fps)
+        frames = self.interpolate(request, self.decode_to_unit_range(latents))   # (F', H, W, 3) on device
+        return VideoFrames(frames=frames.float().cpu().numpy(), fps=request.output_fps)
+
+    def check_request(self, request: ResolvedRequest) -> None:
+        """Refuse what this stage cannot do (before any work is spent on the request)."""
+        if request.target_fps is not None and self.interpolator is None:
+            raise RequestError("target_fps", "needs a frame interpolator and none is configured: start the "
+                                             "engine with interpolator=PATH to a RIFE flownet.pkl "
+                                             "(--interpolator on the command line)")
+
+    def interpolate(self, request: ResolvedRequest, frames: torch.Tensor) -> torch.Tensor:
+        """(F, H, W, 3) decoded frames -> the request's output_num_frames at its target_fps."""
+        if request.target_fps is None:
+            return frames
+        self.check_request(request)
+        return self.interpolator.interpolate(frames, request.fps, request.target_fps)
 
     def decode_to_unit_range(self, latents: Latents) -> torch.Tensor:
         """VAE decode -> (F, H, W, 3) float32 in [0, 1], on the engine's device."""
@@ -48,7 +74,7 @@ class DecodeFramesStage(Stage):
         return (video.float() * 0.5 + 0.5).clamp(0.0, 1.0).permute(1, 2, 3, 0).contiguous()  # (F, H, W, 3)
 
     def check_output(self, request: ResolvedRequest, out: VideoFrames) -> None:
-        expected = (request.num_frames, request.height, request.width, 3)
+        expected = (request.output_num_frames, request.height, request.width, 3)
         if out.frames.shape != expected:
             raise StageError(f"decode: frames have shape {out.frames.shape}, expected {expected}")
         if not np.isfinite(out.frames).all():
@@ -56,20 +82,20 @@ class DecodeFramesStage(Stage):
 
 
 class DecodeStage(DecodeFramesStage):
-    """VAE decode, then H.264 MP4 at the request's fps."""
+    """VAE decode (and frame interpolation to target_fps), then H.264 MP4 at the output fps."""
 
     output_type = EncodedVideo
 
     def forward(self, request: ResolvedRequest, latents: Latents) -> EncodedVideo:
-        frames = self.decode_to_unit_range(latents)                              # (F, H, W, 3) on device
+        frames = self.interpolate(request, self.decode_to_unit_range(latents))  # (F', H, W, 3) on device
         # uint8 on the device (4x less to copy), rounded as frames_to_uint8.
         pixels = (frames * 255.0).round().to(torch.uint8).cpu().numpy()
-        data = encode_mp4(pixels, request.fps)
+        data = encode_mp4(pixels, request.output_fps)
         return EncodedVideo(data=data, num_frames=pixels.shape[0], height=pixels.shape[1],
-                            width=pixels.shape[2], fps=request.fps)
+                            width=pixels.shape[2], fps=request.output_fps)
 
     def check_output(self, request: ResolvedRequest, out: EncodedVideo) -> None:
         got = (out.num_frames, out.height, out.width)
-        if got != (request.num_frames, request.height, request.width):
-            raise StageError(f"decode: video is {got}, expected "
-                             f"{(request.num_frames, request.height, request.width)}")
+        expected = (request.output_num_frames, request.height, request.width)
+        if got != expected:
+            raise StageError(f"decode: video is {got}, expected {expected}")

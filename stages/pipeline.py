@@ -50,7 +50,7 @@ class LocalPipeline:
         self.image = image
         self.denoise = denoise
         self.decode = decode
-        self.decode_frames = DecodeFramesStage(decode.vae, decode.options)
+        self.decode_frames = DecodeFramesStage(decode.vae, decode.options, decode.interpolator)
 
     @classmethod
     def from_checkpoint(cls, ckpt: "Checkpoint", options: "EngineOptions",
@@ -86,6 +86,7 @@ class LocalPipeline:
         before each step and before the decode (True raises `stages.base.Cancelled`)."""
         req = self.resolve(request)
         plan = plan_for(req)
+        self.decode.check_request(req)  # e.g. target_fps without an interpolator: refused before any work
         timings: Timings = {}
         with torch.no_grad():
             # 1. Text (and negative text when guidance is on).

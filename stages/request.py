@@ -57,6 +57,9 @@ class RequestError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # picklable (Ray sends a stage's errors between processes)
+        return type(self), (self.field, self.message)
+
 
 def describe_error(error: Exception) -> str:
     """One line per problem, "field: message", for a ValidationError or RequestError."""
@@ -186,6 +189,10 @@ class GenerationRequest(BaseModel):
     """0 .. 2**63-1; None draws a random seed (recorded in the resolved request)."""
     fps: int | None = None
     """Frames per second of the output video; video models only."""
+    target_fps: int | None = None
+    """Frame rate after frame interpolation (RIFE, applied after the VAE decode): at least the
+    video's fps, e.g. 32 for a 16 fps model (17 frames -> 33); video models only. None: no
+    interpolation. Needs an interpolator configured (the engine option `interpolator`)."""
     output_type: OutputType | None = None
     """"mp4" (video models' default), "png" (image models' default), "np" pixels, or "latent"."""
     latents: Any = None
@@ -259,11 +266,11 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"seed must be in 0..2**63-1, got {v}")
         return v
 
-    @field_validator("fps")
+    @field_validator("fps", "target_fps")
     @classmethod
-    def _fps(cls, v: int | None) -> int | None:
+    def _fps(cls, v: int | None, info) -> int | None:
         if v is not None and not FPS_RANGE[0] <= v <= FPS_RANGE[1]:
-            raise ValueError(f"fps must be in {FPS_RANGE[0]}..{FPS_RANGE[1]}, got {v}")
+            raise ValueError(f"{info.field_name} must be in {FPS_RANGE[0]}..{FPS_RANGE[1]}, got {v}")
         return v
 
     @field_validator("latents", mode="before")
@@ -300,7 +307,7 @@ class GenerationRequest(BaseModel):
                                                   f"for {spec.name}, got {len(negative)}")
         # 2. Frames (video models only) and size against the model's strides.
         if not video:
-            for name in ("num_frames", "fps"):
+            for name in ("num_frames", "fps", "target_fps"):
                 if getattr(self, name) is not None:
                     raise RequestError(name, f"is not accepted: {spec.name} makes images (leave {name} unset)")
         num_frames = (d.num_frames if self.num_frames is None else self.num_frames) if video else 1
@@ -359,6 +366,15 @@ class GenerationRequest(BaseModel):
         if output_type not in allowed:
             raise RequestError("output_type", f"must be one of {', '.join(allowed)} for {spec.name} "
                                               f"({spec.modality} model), got {output_type!r}")
+        # 8. Frame interpolation: only up, and only on decoded frames.
+        fps = (d.fps if self.fps is None else self.fps) if video else 0
+        if self.target_fps is not None:
+            if self.target_fps < fps:
+                raise RequestError("target_fps", f"must be at least the video's fps ({fps}): frame "
+                                                 f"interpolation only adds frames, got {self.target_fps}")
+            if output_type == "latent":
+                raise RequestError("target_fps", "is applied to the decoded frames: not accepted with "
+                                                 "output_type 'latent'")
 
         return ResolvedRequest(
             model=spec.name,
@@ -376,7 +392,8 @@ class GenerationRequest(BaseModel):
             timesteps=d.timesteps,
             dynamic_shift=d.dynamic_shift is not None and self.shift is None,
             seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
-            fps=(d.fps if self.fps is None else self.fps) if video else 0,
+            fps=fps,
+            target_fps=self.target_fps,
             output_type=output_type,
             latents=self.latents,
             latent_shape=shape,
@@ -411,11 +428,28 @@ class ResolvedRequest(BaseModel):
     seed: int
     fps: int
     """0 for image models."""
+    target_fps: int | None = None
+    """Frame rate after frame interpolation (>= fps), or None: no interpolation."""
     output_type: OutputType
     latents: torch.Tensor | None
     latent_shape: tuple[int, int, int, int]
     """(C, F_lat, H_lat, W_lat) of the initial noise and the result."""
     modality: Literal["video", "image"] = "video"
+
+    @property
+    def output_fps(self) -> int:
+        """The delivered video's frame rate: target_fps when interpolating, else fps."""
+        return self.fps if self.target_fps is None else self.target_fps
+
+    @property
+    def output_num_frames(self) -> int:
+        """Frames of the delivered video: num_frames, or more after frame interpolation (the
+        input's first to last frame at target_fps; engine.models.rife.frame_plan)."""
+        if self.target_fps is None:
+            return self.num_frames
+        from engine.models.rife.interpolator import output_count
+
+        return output_count(self.num_frames, self.fps, self.target_fps)
 
     @property
     def do_cfg(self) -> bool:
