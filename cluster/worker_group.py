@@ -24,12 +24,14 @@ its long ``denoise`` call runs.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,6 +49,23 @@ WORKER_ENV: dict[str, str] = {
 """Environment every worker process starts with (``env=`` entries are added on top)."""
 
 _MONITOR_POLL_S = 0.5
+_LIVE_GROUPS: "weakref.WeakSet[WorkerGroup]" = weakref.WeakSet()
+"""Started groups not shut down yet; `_shutdown_at_exit` stops them when the interpreter exits."""
+
+
+def _shutdown_at_exit() -> None:
+    """Shut down the groups a script left running (no ``close()``). Registered after ``import
+    ray``, so it runs before Ray's own atexit ``ray.shutdown()``: a monitor thread still inside
+    ``ray.wait`` while the core worker is torn down can crash the interpreter at exit (exit 139;
+    ray-project/ray issues 31145 and 47864)."""
+    for group in list(_LIVE_GROUPS):
+        try:
+            group.shutdown(timeout_s=5.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+atexit.register(_shutdown_at_exit)
 STRAGGLER_GRACE_S = 5.0
 """How long the other ranks of a call may keep running after one rank raised (see ``get``)."""
 
@@ -321,6 +340,7 @@ class WorkerGroup:
         self._monitor = threading.Thread(target=self._watch, name="worker-group-monitor",
                                          daemon=True)
         self._monitor.start()
+        _LIVE_GROUPS.add(self)
         log.info("worker group started: %s, backend %s",
                  "; ".join(r.describe() for r in self.ranks), self.backend)
 
@@ -508,6 +528,7 @@ class WorkerGroup:
         if self._closing.is_set():
             return
         self._closing.set()
+        _LIVE_GROUPS.discard(self)
         if self._failure is None and self._actors:
             try:
                 ray.get([a.stop.remote() for a in self._actors], timeout=timeout_s)
