@@ -7,14 +7,15 @@ their types, defaults and docstrings; a new field is a new keyword with no edit 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import tempfile
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from engine.options import EngineOptions, ParallelConfig
+from engine.options import EngineOptions, Offload, ParallelConfig
 from lightx2v.arguments import (build_request, describe, facade_option_arguments, parameters,
                                 request_arguments, request_signature)
 from stages.denoise import CancelFn, ProgressFn
@@ -51,6 +52,39 @@ def build_engine_options(device: str, dtype: str, engine_options: dict[str, Any]
     return EngineOptions(device=device, dtype=dtype, **options)
 
 
+def recommended_offload(spec, options: EngineOptions) -> Offload:
+    """The offload `offload=True` stands for, for this model and these options:
+
+    - "expert" for a model with two experts (Wan2.2 A14B): only the active expert's weights are
+      on the GPU, the idle one waits in pinned CPU memory and is swapped in once per phase, so
+      the GPU holds half the DiT weights for two copies per request; it works with parallel
+      ranks and with compile;
+    - "block" for one DiT: the DiT blocks stream from pinned CPU memory through two GPU slots
+      with prefetch, overlapping the copies with compute (the smallest GPU footprint, at about
+      the same speed: docs/BENCHMARKS.md); with compile=True (which "block" does not support)
+      "model" instead (the whole DiT copied in once per request).
+
+    A one-DiT model on parallel ranks has no offload mode ("model" and "block" are for one GPU):
+    ValueError."""
+    if len(spec.experts) >= 2:
+        return "expert"
+    if options.parallel.world_size > 1:
+        raise ValueError(f"offload=True: {spec.name} has one DiT, and its offload modes ('model', 'block') "
+                         f"run on one GPU, not with parallel world size {options.parallel.world_size}; "
+                         "pass offload=False")
+    return "model" if options.compile else "block"
+
+
+def _offload_choice(value: Any) -> bool | None:
+    """True/False for the facade's boolean offload, None for a mode name; anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in get_args(Offload):
+        return None
+    raise ValueError(f"offload must be True (the model's recommended mode), False (none) or one of "
+                     f"{', '.join(get_args(Offload))}; got {value!r}")
+
+
 class LightX2V:
     """A loaded model. `generate` runs one request; `last_result` keeps its seed and timings."""
 
@@ -61,11 +95,19 @@ class LightX2V:
 
     @classmethod
     def from_pretrained(cls, model: str, device: str = "cuda", dtype: str = "bfloat16", *,
-                        spec_name: str | None = None, wait_for_gpus: bool = False,
-                        **engine_options: Any) -> "LightX2V":
-        """`model`: a registry name ("tiny-wan") or a local checkpoint directory (either layout).
+                        spec_name: str | None = None, download: bool = False, revision: str | None = None,
+                        wait_for_gpus: bool = False, **engine_options: Any) -> "LightX2V":
+        """`model`: a local checkpoint directory (either layout), a registry name or alias
+        ("tiny-wan", "Wan2.1-T2V-14B", case-insensitive) or a Hugging Face hub id
+        ("Wan-AI/Wan2.1-T2V-14B-Diffusers"). A name's weights are looked for in
+        $LIGHTX2V_MODEL_ROOT/<name>, then in the Hugging Face cache (HF_HOME, HF_HUB_CACHE) at
+        `revision` (branch, tag or commit; default "main"); with `download=True` a model found
+        nowhere is downloaded into that cache (with a progress bar; refused when HF_HUB_OFFLINE
+        is set). Found nowhere: an error listing every place looked (engine.checkpoint.resolve_checkpoint).
         `spec_name`: the registry entry whose defaults a directory should use when its config
         cannot tell (e.g. "wan2.1-i2v-14b-720p": 480p and 720p I2V share one architecture).
+        `offload`: a mode name, or True for the model's recommended mode (`recommended_offload`:
+        "expert" for two-expert models, else "block"), False for none.
         `wait_for_gpus` (parallel > 1 on an autoscaling Ray cluster): wait up to 10 minutes for
         the DiT group's GPUs instead of refusing a group larger than the cluster's current GPUs.
         `device`, `dtype` (here "cuda" and "bfloat16" by default) and the other keywords are the
@@ -73,8 +115,13 @@ class LightX2V:
         """
         from engine.checkpoint import resolve_checkpoint
 
+        offload = _offload_choice(engine_options.get("offload", "none"))
+        if offload is not None:  # True / False: decided once the model is known
+            engine_options = {**engine_options, "offload": "none"}
         options = build_engine_options(device, dtype, engine_options)
-        ckpt = resolve_checkpoint(model, spec_name=spec_name)
+        ckpt = resolve_checkpoint(model, spec_name=spec_name, revision=revision, download=download)
+        if offload:
+            options = options.with_(offload=recommended_offload(ckpt.spec, options))
         denoise = None
         if options.parallel.world_size > 1:
             # The DiT runs on cfg x ulysses worker processes (Ray is started locally if needed);
@@ -157,6 +204,9 @@ def _derive_signatures() -> None:
     pre = LightX2V.from_pretrained.__func__
     options = facade_option_arguments(EngineOptions)
     fixed = [p for p in inspect.signature(pre).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    options = tuple(dataclasses.replace(a, annotation=a.annotation | bool, doc=a.doc + " True: the model's "
+                                        "recommended mode (recommended_offload); False: none.")
+                    if a.name == "offload" else a for a in options)  # the facade also takes a bool
     keywords = [a for a in options if a.name not in ("device", "dtype")]  # positional, declared above
     pre.__signature__ = inspect.signature(pre).replace(parameters=fixed + parameters(keywords))
     pre.__doc__ = (pre.__doc__ or "").rstrip() + "\n" + describe(options, " " * 12)

@@ -108,9 +108,23 @@ def generate_arguments() -> tuple[Argument, ...]:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-wan", help="registry name or local checkpoint dir (default tiny-wan)")
+    p.add_argument("--model", default="tiny-wan",
+                   help="local checkpoint dir, registry name or alias (Wan2.1-T2V-14B) or Hugging Face hub id "
+                        "(Wan-AI/Wan2.1-T2V-14B-Diffusers), looked for in $LIGHTX2V_MODEL_ROOT and the Hugging "
+                        "Face cache (default tiny-wan)")
+    add_model_source_arguments(p)
     p.add_argument("-o", "--output", required=True, help="output file path (.mp4 for a video)")
     add_arguments(p, generate_arguments())
+
+
+def add_model_source_arguments(p: argparse.ArgumentParser, revision: bool = True) -> None:
+    """--download (and --revision): where a model that is not on this machine comes from."""
+    p.add_argument("--download", action="store_true",
+                   help="download the model from the Hugging Face Hub (into its cache, with a progress bar) "
+                        "when it is found neither locally nor in the cache")
+    if revision:
+        p.add_argument("--revision", default=None,
+                       help="Hugging Face revision (branch, tag or commit) of a hub model (default main)")
 
 
 def generate_main(args: argparse.Namespace) -> int:
@@ -129,9 +143,12 @@ def generate_main(args: argparse.Namespace) -> int:
     flat.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     flat.setdefault("dtype", default_dtype(flat["device"]))
 
-    # 1. Validate the request against the model's spec, and the engine options, before loading.
+    # 1. Find (or download) the model; validate the request against its spec, and the engine
+    #    options, before loading.
+    source = {"revision": args.revision} if args.revision is not None else {}
     try:
-        build_request(**request).resolve(resolve_checkpoint(args.model).spec)
+        ckpt = resolve_checkpoint(args.model, download=args.download, **source)
+        build_request(**request).resolve(ckpt.spec)
         options = options_from_flat(EngineOptions, flat)
     except (ValidationError, ValueError, OSError) as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)
@@ -142,7 +159,7 @@ def generate_main(args: argparse.Namespace) -> int:
     keywords = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
                 if f.name not in ("device", "dtype")}
     try:
-        model = LightX2V.from_pretrained(args.model, options.device, options.dtype, **keywords)
+        model = LightX2V.from_pretrained(args.model, options.device, options.dtype, **source, **keywords)
     except (ValueError, RuntimeError) as e:  # a Ulysses degree the heads do not divide, no CUDA, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -168,7 +185,7 @@ def generate_main(args: argparse.Namespace) -> int:
 
     # 4. Summary: what ran, and the time per stage.
     req = model.last_result.request
-    print(f"wrote {path}: {req.num_frames} frames, {req.width}x{req.height}, {req.fps} fps, "
+    print(f"wrote {path}: {req.output_num_frames} frames, {req.width}x{req.height}, {req.output_fps} fps, "
           f"seed {req.seed}, {req.steps} steps ({req.sampler}), guidance {req.guidance_scale}")
     print(format_timings({"load": load_s, **model.last_result.timings}))
     return 0
@@ -208,13 +225,25 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--name", default=APP_NAME, help="Serve application name (for handles)")
     add_arguments(p, serve_arguments())
+    add_model_source_arguments(p, revision=False)
     (pending,) = (a for a in model_arguments(IngressArgs) if a.name == "max_pending_jobs")
     add_argument(p, pending)  # ingress.max_pending_jobs
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    """With --download, the model is fetched here first (into the Hugging Face cache, which the
+    service's replicas then read at start-up); the service itself never downloads."""
     from serving.launch import serve_main as run
 
+    if args.download:
+        from engine.checkpoint import resolve_checkpoint
+        from serving.config import AppArgs
+
+        try:
+            resolve_checkpoint(args.model or AppArgs.model_fields["model"].default, download=True)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return run(args) or 0
 
 

@@ -154,7 +154,7 @@ def _api_field(field: str | None, given: dict[str, Any]) -> str | None:
 
 def request_params(request: ResolvedRequest) -> dict[str, Any]:
     """What the job store keeps of a request (no image, no tensors)."""
-    return {"negative_prompt": request.negative_prompt, "num_frames": request.num_frames,
+    return {"negative_prompt": request.negative_prompt, "num_frames": request.kept_frames,
             "width": request.width, "height": request.height, "steps": request.steps,
             "guidance_scale": request.guidance_scale, "shift": request.shift,
             "sampler": request.sampler, "seed": request.seed, "fps": request.fps,

@@ -115,7 +115,9 @@ class AppArgs(EngineArgs):
     the engine options (`EngineArgs`, derived from `EngineOptions`), then the fields below."""
 
     model: str = "tiny-wan"
-    """Registry name or local checkpoint directory."""
+    """A local checkpoint directory, a registry name or alias, or a Hugging Face hub id: resolved at
+    start-up as the library resolves it ($LIGHTX2V_MODEL_ROOT, the Hugging Face cache; `lightx2v
+    serve --download` fetches it first), never per request."""
     data_dir: str = "data"
     """Job store: SQLite database and the finished videos. Give an absolute path: a relative one
     is taken from the ingress replica's working directory (`lightx2v serve` makes it absolute)."""

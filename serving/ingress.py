@@ -76,7 +76,7 @@ class Ingress:
         job = self.store.create(JobRecord(
             id=new_job_id(), created_at=int(time.time()), status="queued", model=self.spec.name,
             prompt=resolved.prompt, size=f"{resolved.width}x{resolved.height}",
-            seconds=format_seconds(resolved.num_frames, resolved.fps),
+            seconds=format_seconds(resolved.kept_frames, resolved.fps),
             params=request_params(resolved)))
         # A fresh context: the job must not be tied to (and cancelled with) the HTTP request.
         task = asyncio.get_running_loop().create_task(

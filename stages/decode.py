@@ -47,7 +47,8 @@ class DecodeFramesStage(Stage):
         return cls(vae if vae is not None else get_family(ckpt.spec.family).load_vae(ckpt, options), options)
 
     def forward(self, request: ResolvedRequest, latents: Latents) -> VideoFrames:
-        frames = self.interpolate(request, self.decode_to_unit_range(latents))   # (F', H, W, 3) on device
+        frames = self.decode_to_unit_range(latents)[:request.kept_frames]  # (F_kept, H, W, 3): the frames asked
+        frames = self.interpolate(request, frames)                         # (F', H, W, 3) on device
         return VideoFrames(frames=frames.float().cpu().numpy(), fps=request.output_fps)
 
     def check_request(self, request: ResolvedRequest) -> None:
@@ -87,7 +88,8 @@ class DecodeStage(DecodeFramesStage):
     output_type = EncodedVideo
 
     def forward(self, request: ResolvedRequest, latents: Latents) -> EncodedVideo:
-        frames = self.interpolate(request, self.decode_to_unit_range(latents))  # (F', H, W, 3) on device
+        frames = self.decode_to_unit_range(latents)[:request.kept_frames]  # (F_kept, H, W, 3): the frames asked
+        frames = self.interpolate(request, frames)                         # (F', H, W, 3) on device
         # uint8 on the device (4x less to copy), rounded as frames_to_uint8.
         pixels = (frames * 255.0).round().to(torch.uint8).cpu().numpy()
         data = encode_mp4(pixels, request.output_fps)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import math
 import secrets
 from typing import Any, Literal
@@ -26,9 +27,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from engine.registry import ModelSpec
+
+log = logging.getLogger(__name__)
 
 OutputType = Literal["mp4", "png", "np", "latent"]
 TASK_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video", "t2i": "text-to-image", "edit": "image-edit"}
@@ -146,6 +149,41 @@ def latent_shape(spec: ModelSpec, num_frames: int, height: int, width: int) -> t
     return (g.channels, (num_frames - 1) // g.temporal + 1, height // g.spatial, width // g.spatial)
 
 
+def valid_frame_count(spec: ModelSpec, num_frames: int) -> int:
+    """The smallest frame count the model can generate that is >= `num_frames`:
+    temporal_stride*k+1 (4k+1 for Wan: 16 -> 17, 24 -> 25, 81 -> 81)."""
+    ts = spec.temporal_stride
+    return (max(num_frames, 1) - 1 + ts - 1) // ts * ts + 1
+
+
+def image_video_size(spec: ModelSpec, image: Image.Image) -> tuple[int, int]:
+    """(height, width) of an image-to-video request that gives no size: the image's aspect ratio
+    at the model's default area (defaults.height * defaults.width), each side rounded down to the
+    spatial stride (at least one stride, at most MAX_SIDE). This is the size diffusers' Wan I2V
+    example computes (diffusers/pipelines/wan/pipeline_wan_i2v.py, EXAMPLE_DOC_STRING:
+    `max_area = 480 * 832; aspect_ratio = image.height / image.width; mod_value =
+    vae_scale_factor_spatial * patch_size[1]; height = round(np.sqrt(max_area * aspect_ratio))
+    // mod_value * mod_value`, width with `/ aspect_ratio`)."""
+    d, mod_value = spec.defaults, spec.spatial_stride
+    max_area, aspect_ratio = d.height * d.width, image.height / image.width
+    height = round(np.sqrt(max_area * aspect_ratio)) // mod_value * mod_value
+    width = round(np.sqrt(max_area / aspect_ratio)) // mod_value * mod_value
+    top = MAX_SIDE // mod_value * mod_value
+    return min(max(height, mod_value), top), min(max(width, mod_value), top)
+
+
+_warned_frames = False
+"""Whether the "frame count rounded up" warning was logged (it is logged once per process)."""
+
+
+def _warn_frames_once(spec: ModelSpec, asked: int, generated: int) -> None:
+    global _warned_frames
+    if not _warned_frames:
+        _warned_frames = True
+        log.warning("num_frames=%d is not %d*k+1 for %s: %d frames are generated and the first %d kept "
+                    "(logged once per process)", asked, spec.temporal_stride, spec.name, generated, asked)
+
+
 def _list_samplers() -> list[str]:
     from engine.samplers import list_samplers
 
@@ -167,9 +205,12 @@ class GenerationRequest(BaseModel):
     image: Any = None
     """Image-to-video input: PIL image, encoded bytes, base64 string or array (see module doc)."""
     num_frames: int | None = None
-    """Frames of the video: temporal_stride*k+1 (4k+1 for Wan, e.g. 81); video models only."""
+    """Frames of the video (>= 1); video models only. The model generates temporal_stride*k+1
+    frames (4k+1 for Wan, e.g. 81): any other count is generated at the next such count and cut
+    to the frames asked (16 -> 17 generated, 16 delivered)."""
     height: int | None = None
-    """Pixels; a multiple of the model's spatial stride (16 for Wan2.1, 32 for Wan2.2 TI2V)."""
+    """Pixels; a multiple of the model's spatial stride (16 for Wan2.1, 32 for Wan2.2 TI2V). With
+    an image and neither height nor width: the image's aspect ratio at the model's default area."""
     width: int | None = None
     """Pixels; a multiple of the model's spatial stride."""
     steps: int | None = None
@@ -310,14 +351,17 @@ class GenerationRequest(BaseModel):
             for name in ("num_frames", "fps", "target_fps"):
                 if getattr(self, name) is not None:
                     raise RequestError(name, f"is not accepted: {spec.name} makes images (leave {name} unset)")
-        num_frames = (d.num_frames if self.num_frames is None else self.num_frames) if video else 1
-        height = d.height if self.height is None else self.height
-        width = d.width if self.width is None else self.width
-        ts = spec.temporal_stride
-        if video and (num_frames - 1) % ts != 0:
-            lo = (num_frames - 1) // ts * ts + 1
-            raise RequestError("num_frames", f"must be {ts}*k+1 (e.g. {lo} or {lo + ts}) for {spec.name}, "
-                                             f"got {num_frames}")
+        # Any count >= 1: the next temporal_stride*k+1 is generated, the decode keeps the asked ones.
+        kept_frames = (d.num_frames if self.num_frames is None else self.num_frames) if video else 1
+        num_frames = valid_frame_count(spec, kept_frames)
+        if num_frames != kept_frames:
+            _warn_frames_once(spec, kept_frames, num_frames)
+        # Image-to-video without a size: the image's aspect ratio at the model's default area.
+        if video and self.image is not None and self.height is None and self.width is None:
+            height, width = image_video_size(spec, self.image)
+        else:
+            height = d.height if self.height is None else self.height
+            width = d.width if self.width is None else self.width
         ss = spec.spatial_stride
         for name, value in (("height", height), ("width", width)):
             if value % ss != 0 or not ss <= value <= MAX_SIDE:
@@ -382,6 +426,7 @@ class GenerationRequest(BaseModel):
             negative_prompt=negative,
             image=self.image,
             num_frames=num_frames,
+            kept_frames=kept_frames,
             height=height,
             width=width,
             steps=steps,
@@ -412,7 +457,10 @@ class ResolvedRequest(BaseModel):
     negative_prompt: str
     image: Image.Image | None
     num_frames: int
-    """1 for image models."""
+    """Frames generated: temporal_stride*k+1 (the latents hold them); 1 for image models."""
+    kept_frames: int
+    """Frames kept after the VAE decode: the count asked for (<= num_frames; the decode stages
+    drop the rest). Defaults to num_frames."""
     height: int
     width: int
     steps: int
@@ -436,6 +484,19 @@ class ResolvedRequest(BaseModel):
     """(C, F_lat, H_lat, W_lat) of the initial noise and the result."""
     modality: Literal["video", "image"] = "video"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kept_frames_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kept_frames") is None and "num_frames" in data:
+            data = {**data, "kept_frames": data["num_frames"]}
+        return data
+
+    @model_validator(mode="after")
+    def _kept_frames_range(self) -> "ResolvedRequest":
+        if not 1 <= self.kept_frames <= self.num_frames:
+            raise ValueError(f"kept_frames must be in 1..num_frames ({self.num_frames}), got {self.kept_frames}")
+        return self
+
     @property
     def output_fps(self) -> int:
         """The delivered video's frame rate: target_fps when interpolating, else fps."""
@@ -443,13 +504,13 @@ class ResolvedRequest(BaseModel):
 
     @property
     def output_num_frames(self) -> int:
-        """Frames of the delivered video: num_frames, or more after frame interpolation (the
-        input's first to last frame at target_fps; engine.models.rife.frame_plan)."""
+        """Frames of the delivered video: kept_frames, or more after frame interpolation (the
+        kept frames' first to last at target_fps; engine.models.rife.frame_plan)."""
         if self.target_fps is None:
-            return self.num_frames
+            return self.kept_frames
         from engine.models.rife.interpolator import output_count
 
-        return output_count(self.num_frames, self.fps, self.target_fps)
+        return output_count(self.kept_frames, self.fps, self.target_fps)
 
     @property
     def do_cfg(self) -> bool:
