@@ -333,6 +333,32 @@ def test_expert_offload_applies_with_parallel_ranks_and_compile(monkeypatch):
             assert same(model(*args), plain[name](*args))
 
 
+@pytest.mark.slow
+def test_expert_offload_with_compiled_blocks_follows_the_swapped_weights():
+    """torch.compile'd blocks (Inductor on the CPU) read the weights each expert's phase copies
+    in: high, low, then high again (fresh copies at new addresses), per-sample and per-token
+    timesteps, all equal to the plain experts."""
+    from engine.kernels import compile_blocks
+
+    cfg = tiny_config(2)
+    experts, plain = {}, {}
+    for seed, name in enumerate(("transformer", "transformer_2")):
+        torch.manual_seed(seed)
+        model = WanTransformer(cfg).eval().requires_grad_(False)
+        plain[name] = copy.deepcopy(model)
+        compile_blocks(model)
+        ModelOffload(model, compute=CPU, storage=CPU)
+        experts[name] = model
+    x, t, ctx, _ = inputs(cfg)
+    per_token = torch.full((1, 8), float(t))
+    per_token[:, :4] = 0                                          # latent frame 0 clean (TI2V-style)
+    with torch.no_grad():
+        for phase in ("transformer", "transformer_2", "transformer"):
+            with resident(experts[phase]):
+                for timestep in (t, per_token):
+                    assert same(experts[phase](x, timestep, ctx), plain[phase](x, timestep, ctx)), phase
+
+
 @pytest.mark.parametrize("mode", ["model", "block"])
 def test_offload_on_cpu_device_is_a_logged_no_op(mode, caplog):
     model = tiny_model(2)
