@@ -145,15 +145,14 @@ def host_memory() -> dict:
 
 
 def pinned_bytes(modules) -> int:
-    """Bytes that pinning every parameter and buffer of `modules` takes from the host: PyTorch's
-    pinned (caching host) allocator rounds each block up to a power of two."""
+    """Bytes that pinning every parameter and buffer of `modules` takes from the host
+    (engine.offload.HostArena: 256-byte slices of page-locked chunks)."""
     seen, total = set(), 0
     for module in modules:
         for t in (*module.parameters(), *module.buffers()):
             if id(t) not in seen:
                 seen.add(id(t))
-                n = t.numel() * t.element_size()
-                total += 1 << max(n - 1, 0).bit_length()
+                total += -(-t.numel() * t.element_size() // 256) * 256
     return total
 
 
@@ -411,14 +410,15 @@ def section_a14b_phased(args, sizes: Sizes) -> None:
         need = pinned_bytes(dits.values())
         available = host_memory().get("host_available_gib")
         if on_cuda() and available is not None and need / GIB > available - 4:
-            raise MemoryError(f"offload='expert' would pin about {need / GIB:.1f} GiB of host memory (blocks rounded "
-                              f"to powers of two) and {available:.1f} GiB are available: skipped")
+            raise MemoryError(f"offload='expert' would pin about {need / GIB:.1f} GiB of host memory and "
+                              f"{available:.1f} GiB are available: skipped")
         t0 = time.time()
         for dit in dits.values():
             apply_offload(dit, options)
         free_cached()
+        arena_gib = sum(d.offloader.arena.nbytes for d in dits.values() if getattr(d.offloader, "arena", None)) / GIB
         log(dict(base, what="offload='expert' applied (weights to pinned CPU memory)", setup_s=time.time() - t0,
-                 pinned_estimate_gib=need / GIB, weights_gib=sum(expert_bytes.values()) / GIB,
+                 pinned_estimate_gib=need / GIB, pinned_arena_gib=arena_gib, weights_gib=sum(expert_bytes.values()) / GIB,
                  gpu_allocated_gib=(torch.cuda.memory_allocated() if on_cuda() else 0) / GIB, **host_memory()))
 
         # 6. one expert's copy in and out, alone

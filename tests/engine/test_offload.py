@@ -233,24 +233,48 @@ def test_model_offload_copies_per_call_or_once_per_resident_sequence():
 
 @pytest.mark.parametrize("cls", [ModelOffload, BlockOffload])
 def test_offloaders_move_weights_one_tensor_at_a_time(monkeypatch, cls):
-    """Host memory: when a tensor is copied to storage (pinned on CUDA), every tensor before it is
-    already re-pointed at its copy, so the model is never held twice."""
+    """Host memory: when a tensor is copied to storage, every tensor before it is already
+    re-pointed at its copy, and the storage arena grows a chunk at a time, so the model is never
+    held twice (only one chunk more)."""
     from engine import offload as off_mod
 
     model = tiny_model(2)
+    if cls is BlockOffload:  # only the blocks go to storage (the rest to the compute device)
+        before = [t.clone() for b in model.blocks for t in off_mod.TensorSlots.of(b).tensors()]
+    else:
+        before = [t.clone() for t in off_mod.TensorSlots.of(model).tensors()]
     copies: list[torch.Tensor] = []
     behind: list[int] = []  # per call: earlier copies the model does not point at yet
+    arenas: list[off_mod.HostArena] = []
+    take = off_mod.HostArena.take
 
-    def fake_to_storage(t, device, pin):
+    def spying_take(self, t):
+        if self not in arenas:
+            arenas.append(self)
         now = ptrs(off_mod.TensorSlots.of(model).tensors())
         behind.append(sum(c.data_ptr() not in now for c in copies))
-        copies.append(t.clone())  # a fresh tensor, as pin_memory() makes
+        copies.append(take(self, t))
         return copies[-1]
 
-    monkeypatch.setattr(off_mod, "to_storage", fake_to_storage)
+    monkeypatch.setattr(off_mod.HostArena, "take", spying_take)
+    monkeypatch.setattr(off_mod.HostArena.__init__, "__defaults__", (1024,))  # small chunks
     kwargs = {"streams": SyncStreams()} if cls is BlockOffload else {}
-    cls(model, compute=CPU, storage=CPU, **kwargs)
+    off = cls(model, compute=CPU, storage=CPU, **kwargs)
     assert len(copies) > 10 and behind == [0] * len(copies)
+    # exact sizes (256-byte slices), several chunks, the copies equal the originals
+    (arena,) = arenas
+    assert len(arena.chunk_sizes) > 2 and all(size <= 1024 or n == 1 for size, n in
+                                              zip(arena.chunk_sizes, _tensors_per_chunk(arena)))
+    assert arena.nbytes == sum(-(-t.numel() * t.element_size() // 256) * 256 for t in before)
+    stored = off.stored if cls is ModelOffload else [t for block in off.stored for t in block]
+    assert len(stored) == len(before) and all(torch.equal(a, b) for a, b in zip(stored, before))
+
+
+def _tensors_per_chunk(arena) -> list[int]:
+    counts = [0] * len(arena.chunk_sizes)
+    for chunk, _ in arena.places:
+        counts[chunk] += 1
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
