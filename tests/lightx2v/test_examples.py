@@ -169,3 +169,17 @@ def test_cli_download_without_network_fails_fast(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "has no local weights" in err and "download: not allowed" in err
     assert not os.path.exists(tmp_path / "x.mp4")
+
+
+def test_serve_download_without_network_fails_before_starting(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv(hub.MODEL_ROOT_ENV, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_service(*args, **kwargs):
+        raise AssertionError("the service was started")
+
+    monkeypatch.setattr("serving.launch.start_service", no_service)
+    assert main(["serve", "--model", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "--download", "--device", "cpu"]) == 2
+    assert "could not download Wan-AI/Wan2.2-TI2V-5B-Diffusers" in capsys.readouterr().err
