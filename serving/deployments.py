@@ -27,6 +27,16 @@ How progress and latents flow (tensors never pass through the ingress):
    with that rank's error, `check_health` fails and Serve replaces the replica. A dead rank does
    the same through the group's liveness monitor. Jobs that reach the replica before it is
    replaced are refused unstarted (`DiTGroupUnavailable`) and retried by the ingress.
+6. Orphans: the ingress passes its replica's actor handle (`caller`) with each job. Ray does not
+   cancel a call whose caller died, so the replica checks: before a job starts (it may have
+   waited for the group) and every `CALLER_CHECK_S` while it runs, it pings the caller
+   (`__ray_ready__`); a dead caller's job is not started, or cancelled on every rank like a
+   DELETE, and counted in `lightx2v_orphaned_jobs_total`. The caller's own replacement fails the
+   job in the store (the runner lease in serving/ingress.py).
+
+Each stage call is metered (`serving.metrics`): calls running, time per call and per denoising
+step, failures by exception type, GPU memory of the process (and of each DiT rank when its
+worker reports it).
 """
 from __future__ import annotations
 
@@ -39,7 +49,9 @@ from typing import Any, AsyncIterator
 import ray
 
 from cluster import WorkerGroupError
+from serving import metrics
 from serving.config import AppArgs, import_object
+from serving.metrics import StageMeter
 from stages.payloads import EncodedVideo, ImageCond, Latents, TextEmbeds
 from stages.request import ResolvedRequest
 
@@ -47,6 +59,10 @@ log = logging.getLogger("ray.serve")
 
 CANCEL_TIMEOUT_S = 60.0
 """How long a cancelled job's ranks may take to stop before the group is failed."""
+CALLER_CHECK_S = 1.0
+"""How often a running job's caller (the ingress replica) is checked for life."""
+CALLER_PING_TIMEOUT_S = 10.0
+"""A caller that does not answer within this is taken as alive but busy (only death cancels)."""
 
 
 class DiTGroupUnavailable(RuntimeError):
@@ -56,6 +72,21 @@ class DiTGroupUnavailable(RuntimeError):
     @classmethod
     def for_job(cls, job_id: str, failure: str) -> "DiTGroupUnavailable":
         return cls(f"job {job_id} not started: this DiT replica is being replaced ({failure})")
+
+
+class OrphanedJob(RuntimeError):
+    """The job's caller (its ingress replica) died: its work was stopped or never started."""
+
+
+async def caller_alive(caller: Any) -> bool:
+    """False only when the actor `caller` is dead (a ping that times out counts as alive)."""
+    try:
+        await asyncio.wait_for(caller.__ray_ready__.remote(), timeout=CALLER_PING_TIMEOUT_S)
+    except ray.exceptions.RayActorError:
+        return False
+    except asyncio.TimeoutError:
+        log.warning("the caller did not answer a ping within %.0f s; taken as alive", CALLER_PING_TIMEOUT_S)
+    return True
 
 
 @dataclass(frozen=True)
@@ -83,10 +114,12 @@ class TextEncoder:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.stage = make_engine(AppArgs.model_validate(args)).text_stage()
+        self.meter = StageMeter("text_encode")
 
     def encode(self, request: ResolvedRequest) -> TextEmbeds:
         # A sync method: Serve runs it in a thread, the replica's event loop stays free.
-        return self.stage(request)
+        with self.meter.call():
+            return self.stage(request)
 
 
 class ImageEncoder:
@@ -94,9 +127,11 @@ class ImageEncoder:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.stage = make_engine(AppArgs.model_validate(args)).image_stage()
+        self.meter = StageMeter("image_encode")
 
     def encode(self, request: ResolvedRequest) -> ImageCond:
-        return self.stage(request)
+        with self.meter.call():
+            return self.stage(request)
 
 
 class VAEDecoder:
@@ -104,10 +139,12 @@ class VAEDecoder:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.stage = make_engine(AppArgs.model_validate(args)).decode_stage()
+        self.meter = StageMeter("decode")
 
     async def decode(self, request: ResolvedRequest, latents: LatentsRef) -> EncodedVideo:
-        value: Latents = await latents.ref  # fetched here, straight from the DiT worker
-        return await asyncio.to_thread(self.stage, request, value)
+        with self.meter.call():
+            value: Latents = await latents.ref  # fetched here, straight from the DiT worker
+            return await asyncio.to_thread(self.stage, request, value)
 
 
 class DiTGroup:
@@ -125,40 +162,69 @@ class DiTGroup:
             **self.args.dit_worker_kwargs)  # a replica that fails to start leaves no workers behind
         self._lock = asyncio.Lock()
         self._poll_s = self.args.dit.progress_poll_s
+        self._waiting = 0
+        self.meter = StageMeter("denoise")
 
     async def denoise(self, job_id: str, request: ResolvedRequest, text: TextEmbeds,
-                      image: ImageCond | None) -> AsyncIterator[DenoiseProgress | LatentsRef]:
-        """Yields `DenoiseProgress` events, then one `LatentsRef` (streaming method)."""
-        async with self._lock:
-            if self.group.failure is not None:
-                raise DiTGroupUnavailable.for_job(job_id, self.group.failure)
-            yield DenoiseProgress(0, request.steps)
-            # 1. Every rank gets the inputs (WorkerGroup.call stores them once for all ranks).
-            try:
-                refs = self.group.call("denoise", request, text, image, job_id=job_id)
-            except WorkerGroupError as err:  # failed since the check above: still not started
-                raise DiTGroupUnavailable.for_job(job_id, str(err)) from None
-            # 2. Wait for all ranks through the group, not on the refs themselves: when one rank
-            #    raises while the others wait in a collective it never joins, `aget` fails the
-            #    group after a short grace (the stuck ranks are killed, `check_health` fails and
-            #    Serve replaces this replica) instead of leaving them blocked until the
-            #    process-group timeout, with the next job queued behind them.
-            done = asyncio.ensure_future(self.group.aget(refs))
-            try:
-                last = 0
-                while not (await asyncio.wait([done], timeout=self._poll_s))[0]:
-                    step = await self._progress(job_id)
-                    if step > last:
-                        last = step
-                        yield DenoiseProgress(step, request.steps)
-                # 3. Raise a rank's error here (also the cancellation of a worker), not in the
-                #    decoder. A dead rank arrives as a WorkerGroupError naming it.
-                await done
-            except (asyncio.CancelledError, GeneratorExit):
-                # Cancelled while awaiting (CancelledError) or while suspended at a yield (the
-                # stream is closed: GeneratorExit): either way the ranks must stop.
-                await self._cancel(job_id, done)
-                raise
+                      image: ImageCond | None, caller: Any = None) -> AsyncIterator[DenoiseProgress | LatentsRef]:
+        """Yields `DenoiseProgress` events, then one `LatentsRef` (streaming method). `caller`:
+        the calling ingress replica's actor handle; the job stops if that actor dies."""
+        self._waiting += 1
+        metrics.set_gauge("lightx2v_queue_depth", self._waiting, stage="denoise")
+        try:
+            await self._lock.acquire()  # one job at a time on the group
+        finally:
+            self._waiting -= 1
+            metrics.set_gauge("lightx2v_queue_depth", self._waiting, stage="denoise")
+        try:
+            with self.meter.call():
+                if self.group.failure is not None:
+                    raise DiTGroupUnavailable.for_job(job_id, self.group.failure)
+                if caller is not None and not await caller_alive(caller):
+                    metrics.inc("lightx2v_orphaned_jobs_total")
+                    log.warning("DiTGroup: job %s not started: its ingress replica is gone", job_id)
+                    raise OrphanedJob(f"job {job_id} not started: its caller is gone")
+                yield DenoiseProgress(0, request.steps)
+                # 1. Every rank gets the inputs (WorkerGroup.call stores them once for all ranks).
+                try:
+                    refs = self.group.call("denoise", request, text, image, job_id=job_id)
+                except WorkerGroupError as err:  # failed since the check above: still not started
+                    raise DiTGroupUnavailable.for_job(job_id, str(err)) from None
+                # 2. Wait for all ranks through the group, not on the refs themselves: when one
+                #    rank raises while the others wait in a collective it never joins, `aget`
+                #    fails the group after a short grace (the stuck ranks are killed,
+                #    `check_health` fails and Serve replaces this replica) instead of leaving
+                #    them blocked until the process-group timeout, with the next job queued
+                #    behind them. Meanwhile: progress events, and the caller checked for life.
+                done = asyncio.ensure_future(self.group.aget(refs))
+                try:
+                    last, last_t = 0, time.monotonic()
+                    next_check = last_t + CALLER_CHECK_S
+                    while not (await asyncio.wait([done], timeout=self._poll_s))[0]:
+                        step = await self._progress(job_id)
+                        if step > last:
+                            now = time.monotonic()
+                            for _ in range(step - last):  # steps seen together share the time
+                                metrics.observe("lightx2v_denoise_step_seconds", (now - last_t) / (step - last))
+                            last, last_t = step, now
+                            yield DenoiseProgress(step, request.steps)
+                        if caller is not None and time.monotonic() >= next_check:
+                            next_check = time.monotonic() + CALLER_CHECK_S
+                            if not await caller_alive(caller):
+                                metrics.inc("lightx2v_orphaned_jobs_total")
+                                log.warning("DiTGroup: job %s: its ingress replica died; cancelling", job_id)
+                                await self._cancel(job_id, done)
+                                raise OrphanedJob(f"job {job_id} cancelled: its caller is gone")
+                    # 3. Raise a rank's error here (also the cancellation of a worker), not in
+                    #    the decoder. A dead rank arrives as a WorkerGroupError naming it.
+                    await done
+                except (asyncio.CancelledError, GeneratorExit):
+                    # Cancelled while awaiting (CancelledError) or while suspended at a yield
+                    # (the stream is closed: GeneratorExit): either way the ranks must stop.
+                    await self._cancel(job_id, done)
+                    raise
+        finally:
+            self._lock.release()
         if last < request.steps:
             yield DenoiseProgress(request.steps, request.steps)
         yield LatentsRef(refs[0])
@@ -205,10 +271,14 @@ class DiTGroup:
         self.group.check_health()
         timeout = self.args.dit.health_check_timeout_s / 2  # answer before Serve's own timeout
         try:
-            self.group.get(self.group.call("check_health"), timeout=timeout)
+            reports = self.group.get(self.group.call("check_health"), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise WorkerGroupError(f"DiT group: a rank did not answer check_health within "
                                    f"{timeout:g} s") from None
+        for rank, report in enumerate(reports or ()):  # GPU memory, where the worker reports it
+            if isinstance(report, dict) and report.get("gpu_memory_bytes") is not None:
+                metrics.record_gpu_memory("denoise", rank, report["gpu_memory_bytes"],
+                                          report.get("gpu_peak_bytes"))
 
     def __del__(self) -> None:
         group = getattr(self, "group", None)

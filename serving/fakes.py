@@ -4,21 +4,26 @@
 Inject them through `AppArgs`: `engine_cls="serving.fakes:FakeStageEngine"` with
 `engine_kwargs={"text_s", "image_s", "decode_s", "timeline"}`, and
 `dit_worker_cls="serving.fakes:FakeDiTWorker"` with `dit_worker_kwargs={"step_s", "timeline"}`.
-Every stage call appends one JSON line `{"stage", "prompt", "start", "end", "pid"}` to that file
-(wall-clock seconds), so a test can see which stages overlapped; the DiT worker also writes a
+Every stage call appends one JSON line `{"stage", "prompt", "start", "end", "pid", "image"}` to
+that file (wall-clock seconds; `image`: whether the request that stage got carried the image),
+so a test can see which stages overlapped and what each was sent; the DiT worker also writes a
 `denoise_start` line when a job starts. A prompt starting with `FAIL_DECODE` makes the decoder
 raise, one starting with `FAIL_RANK1` makes rank 1 of the DiT group raise at its first step while
 the other ranks wait in that step's collective, one starting with `BREAK_DEVICE` makes every
 rank's device "broken": that job and every later one raise, and so does `check_health`, as after
 a sticky CUDA error (error paths).
+
+`local_graph()` gives the ingress in-process stand-ins for the four deployment handles (the
+same fake stages, no Ray), for fast tests of the HTTP layer (auth, limits, error shapes, fuzz).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import torch
 
@@ -38,7 +43,8 @@ FAKE_SPEC = ModelSpec(
 def _record(timeline: str | None, stage: str, request: ResolvedRequest, start: float) -> None:
     if timeline:
         line = json.dumps({"stage": stage, "prompt": request.prompt, "start": start,
-                           "end": time.time(), "pid": os.getpid()})
+                           "end": time.time(), "pid": os.getpid(),
+                           "image": getattr(request, "image", None) is not None})
         with open(timeline, "a") as f:  # one short append per call: atomic enough for tests
             f.write(line + "\n")
 
@@ -173,3 +179,132 @@ class FakeDiTWorker:
     def check_health(self) -> None:
         if self.broken is not None:
             raise RuntimeError(self.broken)
+
+
+# ----------------------------------------------------------------------------- in-process graph
+
+
+class _LocalResponse:
+    """Stands in for a `DeploymentResponse`: awaitable (once or more), cancellable."""
+
+    def __init__(self, coro) -> None:
+        self._task = asyncio.ensure_future(coro)
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+class _LocalStream:
+    """Stands in for a streaming `DeploymentResponseGenerator`."""
+
+    def __init__(self, agen: AsyncIterator) -> None:
+        self._agen = agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._agen.__anext__()
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self._agen.aclose())
+
+
+class _LocalHandle:
+    """`handle.method.remote(...)` / `handle.options(stream=True).method.remote(...)` on a
+    plain object whose methods are coroutines or async generators."""
+
+    def __init__(self, target: Any, stream: bool = False) -> None:
+        self._target, self._stream = target, stream
+
+    def options(self, stream: bool = False, **_: Any) -> "_LocalHandle":
+        return _LocalHandle(self._target, stream)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._target, name)
+        stream = self._stream
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any):
+                return _LocalStream(method(*args, **kwargs)) if stream else _LocalResponse(method(*args, **kwargs))
+
+        return _Method
+
+
+class LocalGraph:
+    """The four stages in this process on the fake stages; `calls` lists (stage, prompt,
+    had_image) for every call, so tests see what each stage was sent."""
+
+    def __init__(self, step_s: float = 0.0, **engine_kwargs: Any) -> None:
+        engine = FakeStageEngine("fake-wan", EngineOptions(), **engine_kwargs)
+        self._text, self._image, self._decode = engine.text_stage(), engine.image_stage(), engine.decode_stage()
+        self.step_s = step_s
+        self.calls: list[tuple[str, str, bool]] = []
+
+    def _seen(self, stage: str, request: ResolvedRequest) -> None:
+        self.calls.append((stage, request.prompt, getattr(request, "image", None) is not None))
+
+    async def encode_text(self, request: ResolvedRequest) -> TextEmbeds:
+        self._seen("text_encode", request)
+        return self._text(request)
+
+    async def encode_image(self, request: ResolvedRequest) -> ImageCond:
+        self._seen("image_encode", request)
+        return self._image(request)
+
+    async def denoise(self, job_id: str, request: ResolvedRequest, text: Any, image: Any,
+                      caller: Any = None) -> AsyncIterator:
+        from serving.deployments import DenoiseProgress, LatentsRef
+
+        await text
+        if image is not None:
+            await image
+        self._seen("denoise", request)
+        yield DenoiseProgress(0, request.steps)
+        for step in range(1, request.steps + 1):
+            await asyncio.sleep(self.step_s)
+            yield DenoiseProgress(step, request.steps)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(Latents(latents=torch.zeros(request.latent_shape)))
+        yield LatentsRef(done)  # awaitable like an ObjectRef
+
+    async def decode(self, request: ResolvedRequest, latents: Any) -> EncodedVideo:
+        self._seen("decode", request)
+        return self._decode(request, await latents.ref)
+
+    def handles(self) -> dict[str, _LocalHandle]:
+        """The `text`, `image`, `dit`, `decoder` arguments of `serving.ingress.Ingress`."""
+
+        class _Text:
+            encode = self.encode_text
+
+        class _Image:
+            encode = self.encode_image
+
+        return {"text": _LocalHandle(_Text), "image": _LocalHandle(_Image), "dit": _LocalHandle(self),
+                "decoder": _LocalHandle(self)}
+
+
+def local_graph(step_s: float = 0.0, **engine_kwargs: Any) -> LocalGraph:
+    """An in-process graph of fake stages (see `LocalGraph`)."""
+    return LocalGraph(step_s, **engine_kwargs)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A real PNG of width x height black pixels: tiny on the wire (60 megapixels: 175 KB),
+    huge once decoded. For the tests of the ingress's image limits."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (3 * width + 1)  # filter byte + RGB
+    idat = b"".join([z.compress(row) for _ in range(height)] + [z.flush()])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

@@ -35,7 +35,7 @@ class ServiceSettings:
     max_body_bytes: int = 48 * MiB
     """Largest request body: a larger Content-Length gets 413 before reading, a longer stream at the limit."""
     max_upload_bytes: int = 32 * MiB
-    """Largest uploaded file (`input_reference`) or decoded data URL."""
+    """Largest uploaded file (`input_reference`); the body limit bounds it too."""
     max_image_pixels: int = 4096 * 4096
     """Largest input image (width x height, read from its header before decoding)."""
     ingress_replicas: int = 2
@@ -60,9 +60,6 @@ class ServiceSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"service.{name} must be an integer >= {low}, got {value!r}")
-        if self.max_upload_bytes > self.max_body_bytes:
-            raise ValueError(f"service.max_upload_bytes ({self.max_upload_bytes}) must be <= "
-                             f"service.max_body_bytes ({self.max_body_bytes})")
         if not isinstance(self.job_lease_s, (int, float)) or not self.job_lease_s >= 2:
             raise ValueError(f"service.job_lease_s must be a number >= 2 (seconds), got {self.job_lease_s!r}")
 

@@ -3,7 +3,9 @@
 - "wan" at /wan: the real graph on tiny-wan (CPU), its data dir pre-filled with jobs from a
   "previous run" (a finished one with its file, a running one, a queued one) for the restart test.
 - "fake" at /fake: fake sleeping stages (serving/fakes.py) writing a timeline, small queues:
-  overlap, back-pressure and cancellation timing without models.
+  overlap, back-pressure and cancellation timing without models. It runs with API keys
+  (`FAKE_KEY`, `OTHER_KEY`; the `fake` client sends the first), one ingress replica and small
+  body and image limits (`FAKE_SERVICE`), for the hardening tests.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from serving.launch import free_port
 
 FAKE_DELAYS = {"text_s": 0.5, "decode_s": 0.5}
 FAKE_STEP_S = 0.2
+FAKE_KEY = "fake-app-key-0001-abcdefgh"
+OTHER_KEY = "fake-app-key-0002-ijklmnop"
+FAKE_SERVICE = {"api_keys": [FAKE_KEY, OTHER_KEY], "ingress_replicas": 1,
+                "max_body_bytes": 256 * 1024, "max_upload_bytes": 128 * 1024,
+                "max_image_pixels": 1024 * 1024}
 
 
 @dataclass
@@ -29,6 +36,9 @@ class ServedApps:
     wan_data: Path
     fake_data: Path
     timeline: Path
+    fake_key: str = FAKE_KEY
+    """An API key of the fake app (`OTHER_KEY` is its second)."""
+    other_key: str = OTHER_KEY
     previous_jobs: dict[str, str] = field(default_factory=dict)
     """status before the restart -> job id, for the jobs written before the app started."""
 
@@ -73,6 +83,7 @@ def served(ray_session, tmp_path_factory, tiny_wan_dir) -> ServedApps:
         "dit": {"max_ongoing_requests": 1, "max_queued_requests": 1, "progress_poll_s": 0.05,
                 "health_check_period_s": 1, "health_check_timeout_s": 5},
         "ingress": {"max_pending_jobs": 4, "retry_after_s": 3},
+        "service": FAKE_SERVICE,
     })
     serve.run_many([RunTarget(wan, name="wan", route_prefix="/wan"),
                     RunTarget(fake, name="fake", route_prefix="/fake")])
@@ -91,7 +102,9 @@ def wan(served) -> httpx.Client:
 
 @pytest.fixture
 def fake(served) -> httpx.Client:
-    with httpx.Client(base_url=served.fake_url, timeout=60) as client:
+    """A client of the fake app with its first API key."""
+    with httpx.Client(base_url=served.fake_url, timeout=60,
+                      headers={"Authorization": f"Bearer {FAKE_KEY}"}) as client:
         yield client
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -39,7 +40,10 @@ def test_dead_dit_worker_fails_the_job_and_the_replica_is_replaced(served, fake,
 
     final = poll(fake, v["id"], timeout=30)[-1]
     assert final["status"] == "failed", final
-    assert "worker group failed" in final["error"]["message"] or "died" in final["error"]["message"], final
+    message = final["error"]["message"]
+    assert "worker group failed" in message or "died" in message, final
+    # Issue 18 item 5: the message names the rank, not the node's address or the process id.
+    assert not re.search(r"\b\d{1,3}(\.\d{1,3}){3}\b|pid[ =]*\d|0x[0-9a-f]{6}", message), message
 
     # Serve's health check (check_health -> WorkerGroup.check_health) replaces the replica and
     # its group. A job submitted at once reaches the failed replica first: it is refused

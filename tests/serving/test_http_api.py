@@ -164,8 +164,11 @@ def test_validation_errors_name_the_field(wan, body, status, param):
 
 
 def test_multipart_validation_and_bad_bodies(wan):
-    r = wan.post("/v1/videos", data={"prompt": "x", "steps": "lots"})
+    r = wan.post("/v1/videos", files={"prompt": (None, "x"), "steps": (None, "lots")})
     assert r.status_code == 422 and r.json()["error"]["param"] == "steps"
+    # Form-encoded bodies are refused (browsers send them cross-site without a preflight).
+    r = wan.post("/v1/videos", data={"prompt": "x", "steps": "2"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
     r = wan.post("/v1/videos", data={"prompt": "x"},
                  files={"input_reference": ("a.png", b"not a png", "image/png")})
     assert r.status_code == 422 and r.json()["error"]["param"] == "input_reference"
