@@ -109,7 +109,7 @@ def test_first_frame_mask_matches_diffusers_construction():
 
 def test_image_stage_builds_conditioning():
     vae = FakeVAE()
-    req = resolve(image=IMAGE)
+    req = resolve(image=IMAGE, height=32, width=48)   # without a size it would follow the image's aspect
     out = image_stage(FakeImageEncoder(), vae, CPU)(req)
     assert isinstance(out, ImageCond)
     assert out.latent_cond.shape == (20, 2, 4, 6) and out.clip_tokens.shape == (5, IMAGE_DIM)
