@@ -78,7 +78,7 @@ class DiTWorker:
         `options` on this rank's device; apply the parallel config. Returns a short summary."""
         from engine.checkpoint import resolve_checkpoint
         from engine.families import get_family
-        from engine.parallel import apply_parallel, check_parallel_config, init_mesh
+        from engine.parallel import check_parallel_config, guided_predictors, init_mesh
         from stages.denoise import DenoiseStage
 
         ctx = self._require_ctx()
@@ -94,7 +94,7 @@ class DiTWorker:
         for dit in dits.values():
             check_parallel_config(dit, options.parallel.ulysses)   # before any collective
         mesh = init_mesh(options.parallel, options.device)
-        predictors = {name: apply_parallel(dit, mesh, options.cfg_batch) for name, dit in dits.items()}
+        predictors = guided_predictors(dits, options, mesh)
         self.stage = DenoiseStage(dits, family.adapter(ckpt.spec), ckpt.spec, options, predictors=predictors)
         self.options, self.spec = options, ckpt.spec
         return {"rank": ctx.rank, "device": options.device, "model": ckpt.spec.name,

@@ -2,7 +2,7 @@
 
 `CFGPredictor(transformer)(x, timestep, context, negative_context, guidance_scale, image_context)`
 returns `uncond + g * (cond - uncond)`. With both branches it runs two batch-1 forwards
-(conditional, then unconditional), or with `batched=True` (`EngineOptions.cfg_batch`) ONE forward
+(conditional, then unconditional), or with `batched=True` (the engine option) ONE forward
 at batch 2 (conditional first); with `negative_context=None` (guidance off) one forward at batch 1
 returns the conditional prediction as is. Two batch-1 forwards are the default: on an H200 at the
 real sizes (Wan 14B and 1.3B, 480p) they are as fast as the batch-2 forward or up to ~1 % faster,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from engine.denoise import CancelFn, ProgressFn, make_phases, run_phases
-from engine.guidance import CFGPredictor, GuidedPredictor
+from engine.guidance import GuidedPredictor
+from engine.parallel import guided_predictors
 from stages.base import Cancelled, Stage, StageError, expect_finite, expect_shape
 from stages.payloads import ImageCond, Latents, TextEmbeds
 from stages.request import ResolvedRequest
@@ -53,8 +54,7 @@ class DenoiseStage(Stage):
         self.adapter = adapter
         self.spec = spec
         self.options = options
-        self.predictors = dict(predictors) if predictors is not None else {
-            name: CFGPredictor(dit, options.cfg_batch) for name, dit in self.dits.items()}
+        self.predictors = dict(predictors) if predictors is not None else guided_predictors(self.dits, options)
 
     @property
     def transformer(self) -> nn.Module:

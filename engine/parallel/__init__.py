@@ -9,15 +9,18 @@ World size N = cfg x ulysses. See `mesh` (rank layout), `ulysses` (sequence spli
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 from torch import nn
 
 from engine.dit import num_heads
 from engine.guidance import CFGPredictor, GuidedPredictor
+from engine.options import EngineOptions
 from engine.parallel.cfg import CFGParallelPredictor
 from engine.parallel.mesh import ParallelMesh, SubGroup, init_mesh, single_mesh
 from engine.parallel.ulysses import UlyssesState, apply_ulysses, check_heads
 
-__all__ = ["CFGParallelPredictor", "ParallelMesh", "SubGroup", "apply_parallel", "check_heads",
+__all__ = ["CFGParallelPredictor", "ParallelMesh", "SubGroup", "apply_parallel", "guided_predictors", "check_heads",
            "check_parallel_config", "init_mesh", "single_mesh"]
 
 
@@ -26,11 +29,20 @@ def check_parallel_config(model: nn.Module, ulysses: int) -> None:
     check_heads(num_heads(model), ulysses, "parallel.ulysses")
 
 
-def apply_parallel(model: nn.Module, mesh: ParallelMesh, cfg_batch: bool = False) -> GuidedPredictor:
+def guided_predictors(dits: Mapping[str, nn.Module], options: EngineOptions,
+                      mesh: ParallelMesh | None = None) -> dict[str, GuidedPredictor]:
+    """The guided predictor of every expert's DiT (`apply_parallel` on `mesh`, each expert its
+    own state and predictor; no mesh = world size 1), batching the guidance branches as the
+    options say (`EngineOptions.cfg_batch`)."""
+    mesh = mesh if mesh is not None else single_mesh()
+    return {name: apply_parallel(dit, mesh, batched=options.cfg_batch) for name, dit in dits.items()}
+
+
+def apply_parallel(model: nn.Module, mesh: ParallelMesh, batched: bool = False) -> GuidedPredictor:
     """Make `model` run on `mesh` and return the guided predictor the denoise loop should call.
 
-    World size 1: the model is untouched and the plain `CFGPredictor` is returned (`cfg_batch`:
-    `EngineOptions.cfg_batch`, both branches as one batch-2 forward where one rank runs both).
+    World size 1: the model is untouched and the plain `CFGPredictor` is returned (`batched`:
+    both branches as one batch-2 forward where one rank runs both).
     Otherwise the model's sequence hooks and sequence-attention cores (engine.dit seams) are
     swapped for Ulysses versions (also when ulysses = 1: they are then no-ops unless guidance is
     off and the world splits the tokens) and a `CFGParallelPredictor` is returned. Raises ValueError when the heads do not divide by the
@@ -38,10 +50,10 @@ def apply_parallel(model: nn.Module, mesh: ParallelMesh, cfg_batch: bool = False
     predictor on the same mesh).
     """
     if mesh.is_single:
-        return CFGPredictor(model, cfg_batch)
+        return CFGPredictor(model, batched)
     heads = num_heads(model)
     check_heads(heads, mesh.config.ulysses, "parallel.ulysses")
     state = UlyssesState()
     apply_ulysses(model, state)
     guidance_off_group = mesh.world if heads % mesh.world_size == 0 else mesh.ulysses
-    return CFGParallelPredictor(model, mesh, state, guidance_off_group, cfg_batch)
+    return CFGParallelPredictor(model, mesh, state, guidance_off_group, batched)

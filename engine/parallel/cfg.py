@@ -12,7 +12,7 @@ the same split redundantly (same result, no speed-up from the cfg ranks); `guida
 says which happens.
 
 With cfg = 1 the single-process predictor runs as is (both branches as two batch-1 forwards, or
-one batch-2 forward with `cfg_batch`) inside the Ulysses split.
+one batch-2 forward when `batched`) inside the Ulysses split.
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ class CFGParallelPredictor:
     """Same call signature as `CFGPredictor`; see the module docstring for who computes what."""
 
     def __init__(self, transformer: nn.Module, mesh: ParallelMesh, state: UlyssesState,
-                 guidance_off_group: SubGroup, cfg_batch: bool = False) -> None:
+                 guidance_off_group: SubGroup, batched: bool = False) -> None:
         self.transformer = transformer
         self.mesh = mesh
         self.state = state
         self.guidance_off_group = guidance_off_group
-        self._both = CFGPredictor(transformer, cfg_batch)
+        self._both = CFGPredictor(transformer, batched)
 
     @property
     def guidance_off_degree(self) -> int:

@@ -198,9 +198,6 @@ def test_the_surfaces_do_not_spell_option_names():
     assert _files_spelling("cfg_batch", ("lightx2v", "serving")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the consumers still pass cfg_batch by name (engine/guidance.py, "
-                   "engine/parallel/__init__.py, engine/parallel/cfg.py, stages/denoise.py, "
-                   "cluster/dit_worker.py): one of them should read it from the options for all")
 def test_cfg_batch_is_spelled_in_at_most_two_source_files():
     """Its declaration and the one place that uses it (issue 12: it was in 10 files)."""
     files = _files_spelling("cfg_batch")
