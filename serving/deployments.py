@@ -163,7 +163,15 @@ class DiTGroup:
         self._lock = asyncio.Lock()
         self._poll_s = self.args.dit.progress_poll_s
         self._waiting = 0
+        self._running: str | None = None
+        self._orphans_stopped = 0
         self.meter = StageMeter("denoise")
+
+    def status(self) -> dict[str, Any]:
+        """What this replica does now (handle only, for operators and tests): the job on the
+        group, the jobs waiting for it, orphaned jobs stopped so far, the ranks' process ids."""
+        return {"job": self._running, "waiting": self._waiting, "orphans_stopped": self._orphans_stopped,
+                "worker_pids": [r.pid for r in self.group.ranks], "failure": self.group.failure}
 
     async def denoise(self, job_id: str, request: ResolvedRequest, text: TextEmbeds,
                       image: ImageCond | None, caller: Any = None) -> AsyncIterator[DenoiseProgress | LatentsRef]:
@@ -181,11 +189,13 @@ class DiTGroup:
                 if self.group.failure is not None:
                     raise DiTGroupUnavailable.for_job(job_id, self.group.failure)
                 if caller is not None and not await caller_alive(caller):
+                    self._orphans_stopped += 1
                     metrics.inc("lightx2v_orphaned_jobs_total")
                     log.warning("DiTGroup: job %s not started: its ingress replica is gone", job_id)
                     raise OrphanedJob(f"job {job_id} not started: its caller is gone")
                 yield DenoiseProgress(0, request.steps)
                 # 1. Every rank gets the inputs (WorkerGroup.call stores them once for all ranks).
+                self._running = job_id
                 try:
                     refs = self.group.call("denoise", request, text, image, job_id=job_id)
                 except WorkerGroupError as err:  # failed since the check above: still not started
@@ -211,6 +221,7 @@ class DiTGroup:
                         if caller is not None and time.monotonic() >= next_check:
                             next_check = time.monotonic() + CALLER_CHECK_S
                             if not await caller_alive(caller):
+                                self._orphans_stopped += 1
                                 metrics.inc("lightx2v_orphaned_jobs_total")
                                 log.warning("DiTGroup: job %s: its ingress replica died; cancelling", job_id)
                                 await self._cancel(job_id, done)
@@ -224,6 +235,7 @@ class DiTGroup:
                     await self._cancel(job_id, done)
                     raise
         finally:
+            self._running = None
             self._lock.release()
         if last < request.steps:
             yield DenoiseProgress(request.steps, request.steps)
