@@ -170,7 +170,7 @@ def load_vae(ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
     and dtype (channels-last on CUDA), decoding in tiles when `options.vae_tiling`."""
     from engine.kernels import optimize_vae
     from engine.models.wan import keymap_vae
-    from engine.models.wan.vae import DEFAULT_TILING, WanVAE, WanVAEConfig
+    from engine.models.wan.vae import WanVAE, WanVAEConfig, default_tiling
 
     if ckpt.layout == "diffusers":
         config = WanVAEConfig.from_dict(read_json(ckpt.file("vae", "config.json")))
@@ -186,7 +186,7 @@ def load_vae(ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:
                          f"expects {ckpt.spec.latent.channels}")
     vae = build_module(lambda: WanVAE(config), state_dict, dtype=options.torch_dtype,
                        device=options.torch_device)
-    vae.tiling = DEFAULT_TILING if options.vae_tiling else None
+    vae.tiling = default_tiling(config) if options.vae_tiling else None
     return optimize_vae(vae, options)  # CUDA: channels-last, fused norms, cuDNN autotuning
 
 
