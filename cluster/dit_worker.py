@@ -201,6 +201,10 @@ class DiTWorker:
             # Raises on a sticky CUDA error without waiting for a running job's queued kernels
             # (the DiTGroup deployment calls this from Serve's periodic health check).
             torch.cuda.current_stream(self.device).query()
+            # GPU memory of this rank, for the service's metrics (lightx2v_gpu_memory_bytes).
+            return {"rank": ctx.rank, "device": str(self.device), "loaded": self.stage is not None,
+                    "gpu_memory_bytes": torch.cuda.memory_allocated(self.device),
+                    "gpu_peak_bytes": torch.cuda.max_memory_allocated(self.device)}
         return {"rank": ctx.rank, "device": str(self.device), "loaded": self.stage is not None}
 
     def shutdown(self) -> None:
