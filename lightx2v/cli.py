@@ -20,7 +20,7 @@ import time
 from typing import Any, Iterable, Literal, Sequence, get_args, get_origin
 
 from engine.options import EngineOptions, Quantization, default_dtype, option_fields
-from lightx2v.arguments import (Argument, literal_choices, model_arguments, option_arguments,
+from lightx2v.arguments import (Argument, Override, literal_choices, model_arguments, option_arguments,
                                 request_arguments, strip_optional)
 
 # ----------------------------------------------------------------------------- flags from arguments
@@ -216,6 +216,17 @@ def serve_arguments() -> tuple[Argument, ...]:
     return tuple(a for a in model_arguments(AppArgs) if _is_plain(a))
 
 
+def service_arguments() -> tuple[Argument, ...]:
+    """`lightx2v serve`'s service flags, one per field of serving/settings.py `ServiceSettings`
+    (API keys, CORS origins, body and image limits, ingress replicas); `--api-key KEY [KEY ...]`
+    for `api_keys`."""
+    from serving.settings import ServiceSettings
+
+    renamed = {"api_keys": Override(flags=("--api-key",), metavar="KEY")}
+    return tuple(dataclasses.replace(a, override=renamed.get(a.name, a.override))
+                 for a in option_arguments(option_fields(ServiceSettings)))
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's flags: HTTP options, then each maps to an `AppArgs` field."""
     from serving.config import IngressArgs
@@ -228,6 +239,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_model_source_arguments(p, revision=False)
     (pending,) = (a for a in model_arguments(IngressArgs) if a.name == "max_pending_jobs")
     add_argument(p, pending)  # ingress.max_pending_jobs
+    add_arguments(p, service_arguments())
 
 
 def serve_main(args: argparse.Namespace) -> int:

@@ -51,8 +51,9 @@ class Service:
 
 
 def start_service(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000,
-                  name: str = APP_NAME, log_to_driver: bool = True) -> Service:
-    """Start Ray (locally, unless a cluster is already connected) and run the app."""
+                  name: str = APP_NAME, log_to_driver: bool = True, service: Any = None) -> Service:
+    """Start Ray (locally, unless a cluster is already connected) and run the app. `service`:
+    the service settings (`serving.settings.ServiceSettings` or a dict; None = defaults)."""
     import ray
     from ray import serve
 
@@ -62,7 +63,7 @@ def start_service(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000,
         ray.init(namespace="lightx2v", include_dashboard=False, log_to_driver=log_to_driver,
                  num_cpus=max(2, os.cpu_count() or 2))
     serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(build_app(args), name=name, route_prefix="/")
+    handle = serve.run(build_app(args, service=service), name=name, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return Service(url=f"http://{shown}:{port}", name=name, handle=handle)
 
@@ -87,13 +88,17 @@ def serve_main(ns: argparse.Namespace) -> int:
     model end with a one-line error (exit code 2) before Ray is started."""
     from stages.request import describe_error
 
+    from serving.settings import ServiceSettings
+
     try:
         args = app_args_from(ns)
+        settings = ServiceSettings.from_flags(ns)  # --api-key, --cors-origins, limits
+        settings.load_api_keys()
         import_object(args.engine_cls).resolve(args.model)
     except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 2
-    service = start_service(args, host=ns.host, port=ns.port, name=ns.name)
+    service = start_service(args, host=ns.host, port=ns.port, name=ns.name, service=settings)
     print(f"lightx2v: serving {args.model} at {service.url} (data in {args.data_dir})", flush=True)
     print(f"  curl -s {service.url}/v1/videos -H 'content-type: application/json' "
           f"-d '{{\"prompt\": \"a cat surfing\", \"seconds\": 1}}'", flush=True)

@@ -79,6 +79,14 @@ class ServiceSettings:
             raise ValueError(f"service.{unknown[0]} is not a setting; known: {', '.join(known)}")
         return cls(**dict(value))
 
+    @classmethod
+    def from_flags(cls, values: Any) -> "ServiceSettings":
+        """From parsed CLI flags (an argparse namespace or a mapping): every value named like a
+        field and not None sets it; the rest keep their defaults."""
+        given = vars(values) if not isinstance(values, Mapping) else values
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in given.items() if k in names and v is not None})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (what the replicas are given)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
