@@ -147,7 +147,8 @@ def section_vae(args, frames: int, height: int, width: int) -> None:
 
 def summary() -> None:
     vae = [r for r in RESULTS if r["section"] == "vae"]
-    print("\n| what | variant | dtype | batch | frames | ms | ms / new frame | x VAE decode | peak GiB | max abs err vs fp32 |")
+    print("\n| what | variant | dtype | batch | frames | ms | ms / new frame | x VAE decode | peak GiB "
+          "| max abs err vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         ratio = f"{r['ms'] / vae[0]['ms']:.2f}" if vae and r["section"] == "rife" else ""
@@ -155,7 +156,8 @@ def summary() -> None:
         if r["section"] == "rife":
             err = f"{r['max_abs_err_vs_fp32']:.2e}" if "max_abs_err_vs_fp32" in r else ""
             print(f"| interpolate {r['size']} | {r['variant']} | {r['dtype']} | "
-                  f"{r['batch']} | {r['frames_in']} -> {r['frames_out']} | {r['ms']:.1f} | {r['ms_per_new_frame']:.2f} | "
+                  f"{r['batch']} | {r['frames_in']} -> {r['frames_out']} | {r['ms']:.1f} | "
+                  f"{r['ms_per_new_frame']:.2f} | "
                   f"{ratio} | {peak} | {err} |")
         else:
             print(f"| VAE decode {r['size']} | | {r['dtype']} | | {r['frames']} | {r['ms']:.1f} | | 1.00 | {peak} | |")

@@ -46,7 +46,8 @@ def smooth_clip(n: int, h: int, w: int, shift: float = 2.0, cut_at: int | None =
     for i in range(n):
         xs = x - shift * i
         if cut_at is not None and i >= cut_at:
-            rgb = (0.5 + 0.45 * torch.cos(xs / 3 - y / 4), 0.5 - 0.45 * torch.sin(y / 2), 0.5 + 0.45 * torch.cos(xs / 2))
+            rgb = (0.5 + 0.45 * torch.cos(xs / 3 - y / 4), 0.5 - 0.45 * torch.sin(y / 2),
+                   0.5 + 0.45 * torch.cos(xs / 2))
         else:
             rgb = (0.5 + 0.4 * torch.sin(xs / 7 + y / 11), 0.5 + 0.4 * torch.cos(y / 5 - xs / 13),
                    0.5 + 0.4 * torch.sin((xs + y) / 9))
