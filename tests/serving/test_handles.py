@@ -35,7 +35,7 @@ DRIVER = textwrap.dedent('''
     out["video_b64"] = base64.b64encode(video.pop("video_bytes")).decode()
     out["generated"] = video
     try:
-        handle.submit.remote({"prompt": "bad", "num_frames": 6}).result()
+        handle.submit.remote({"prompt": "bad", "steps": 0}).result()
         out["error"] = None
     except Exception as err:
         out["error"] = str(err)
@@ -62,4 +62,4 @@ def test_handle_from_another_process(served, ray_session, tmp_path):
     assert os.path.isfile(gen["path"]) and gen["path"].startswith(str(served.wan_data))
     mp4 = read_mp4(base64.b64decode(out["video_b64"]))
     assert mp4.frames.shape == (9, 32, 64, 3)
-    assert out["error"] is not None and "num_frames" in out["error"]
+    assert out["error"] is not None and "steps" in out["error"]
