@@ -46,12 +46,12 @@ class WanStageEngine:
 
     @classmethod
     def resolve(cls, model: str) -> ModelSpec:
-        from engine.loading import resolve_checkpoint
+        from engine.checkpoint import resolve_checkpoint
 
         return resolve_checkpoint(model).spec
 
     def _checkpoint(self):
-        from engine.loading import resolve_checkpoint
+        from engine.checkpoint import resolve_checkpoint
 
         return resolve_checkpoint(self.model)
 
