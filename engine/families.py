@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 
 
 class TextEncoder(Protocol):
-    def encode(self, prompts: list[str]) -> Tensor:
-        """(B, text_len, text_dim), zero-padded after each prompt's valid tokens."""
+    def encode(self, prompts: list[str]) -> "Tensor | list":
+        """Each prompt's text conditioning: a (B, L, D) tensor (Wan: umT5 states zero-padded after
+        each prompt's valid tokens), or a list of the family's own per-prompt objects (several
+        streams, masks, variable lengths) with a `.to(device, dtype)` that returns a copy; the
+        family's adapter turns one into the DiT's input (`DiTAdapter.text_input`)."""
         ...
 
 
@@ -68,6 +71,11 @@ class DiTAdapter(Protocol):
                         vae: LatentCodec, image_encoder: ImageEncoder | None, device: torch.device,
                         dtype: torch.dtype) -> "object":
         """The `stages.payloads.ImageCond` of one input image (CPU tensors)."""
+        ...
+
+    def text_input(self, embeds: "object", device: torch.device, dtype: torch.dtype) -> "object":
+        """One prompt's embeddings (what the text encoder made for it) as the DiT's `context`
+        argument at batch 1, on `device` in `dtype`."""
         ...
 
     def model_input(self, latents: Tensor, t: Tensor, image: "object | None", dit: nn.Module,

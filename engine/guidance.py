@@ -51,8 +51,12 @@ class CFGPredictor:
         if negative_context is None:
             return self.transformer(x, timestep, context, image_context).float()
 
-        # 2. Both branches: two batch-1 forwards, or one batch-2 forward [cond, uncond].
-        if not self.batched:
+        # 2. Both branches: two batch-1 forwards, or one batch-2 forward [cond, uncond] (batching
+        #    needs the branches' contexts as tensors of one shape; a family's own context objects
+        #    run as two forwards).
+        same_shape = isinstance(context, Tensor) and isinstance(negative_context, Tensor) \
+            and context.shape == negative_context.shape
+        if not (self.batched and same_shape):
             cond = self.transformer(x, timestep, context, image_context)
             uncond = self.transformer(x, timestep, negative_context, image_context)
             return combine(cond, uncond, guidance_scale)

@@ -78,8 +78,8 @@ class DenoiseStage(Stage):
 
         # 1. Initial noise, float32 on the device; conditioning in the model dtype.
         latents = initial_noise(request).to(device)[None]                    # (1, C, F_lat, H_lat, W_lat)
-        context = text.context.to(device, dtype)[None]                       # (1, L, D)
-        negative = text.negative_context.to(device, dtype)[None] if request.do_cfg else None
+        context = self.adapter.text_input(text.context, device, dtype)       # Wan: (1, L, D)
+        negative = self.adapter.text_input(text.negative_context, device, dtype) if request.do_cfg else None
 
         # 2. The phased sampler loop (the schedule as the model's pipeline builds it; euler_a draws
         #    its step noise from the request's seed).

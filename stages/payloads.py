@@ -19,10 +19,12 @@ __all__ = ["EncodedVideo", "ImageCond", "Latents", "TextEmbeds", "VideoFrames"]
 class TextEmbeds:
     """Text encoder output for one request."""
 
-    context: torch.Tensor
-    """(L, D) prompt embeddings, zero-padded after the valid tokens to the model's text length."""
-    negative_context: torch.Tensor | None
-    """(L, D) negative-prompt embeddings; None when guidance is off."""
+    context: "torch.Tensor | object"
+    """The prompt's embeddings as the model's text encoder makes them: Wan's (L, D) umT5 states
+    zero-padded to the text length, or a family's own embeddings object (several streams, masks),
+    which its adapter turns into the DiT's input."""
+    negative_context: "torch.Tensor | object | None"
+    """The negative prompt's, the same kind; None when guidance is off."""
 
 
 @dataclass

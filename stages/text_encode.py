@@ -1,7 +1,10 @@
 """Text encode stage: prompt (and negative prompt when guidance is on) -> TextEmbeds."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
+
+import torch
 
 from stages.base import Stage, StageError, expect_finite
 from stages.payloads import TextEmbeds
@@ -31,14 +34,31 @@ class TextEncodeStage(Stage):
     def forward(self, request: ResolvedRequest) -> TextEmbeds:
         # 1. One batch: the prompt, then the negative prompt if guidance runs.
         prompts = [request.prompt] + ([request.negative_prompt] if request.do_cfg else [])
-        embeds = self.encoder.encode(prompts).to("cpu")  # (B, L, D)
-        # 2. Split into the payload (copies, so each owns only its own storage).
-        negative = embeds[1].clone() if request.do_cfg else None
-        return TextEmbeds(context=embeds[0].clone(), negative_context=negative)
+        embeds = self.encoder.encode(prompts)  # (B, L, D), or one family object per prompt
+        # 2. Split into the payload: CPU copies, each owning only its own storage.
+        if isinstance(embeds, torch.Tensor):
+            items = [e.to("cpu").clone() for e in embeds]                         # (L, D) each
+        else:
+            items = [e.to("cpu", None) for e in embeds]
+        return TextEmbeds(context=items[0], negative_context=items[1] if request.do_cfg else None)
 
     def check_output(self, request: ResolvedRequest, out: TextEmbeds) -> None:
-        if out.context.dim() != 2:
-            raise StageError(f"text_encode: context has shape {tuple(out.context.shape)}, expected (L, D)")
-        expect_finite(self.name, "context", out.context)
-        if out.negative_context is not None and out.negative_context.shape != out.context.shape:
+        for what, item in (("context", out.context), ("negative_context", out.negative_context)):
+            if item is None:
+                continue
+            if isinstance(item, torch.Tensor) and item.dim() != 2:
+                raise StageError(f"text_encode: {what} has shape {tuple(item.shape)}, expected (L, D)")
+            for name, tensor in _tensors(item):
+                expect_finite(self.name, f"{what}{name}", tensor)
+        if isinstance(out.context, torch.Tensor) and out.negative_context is not None \
+                and out.negative_context.shape != out.context.shape:
             raise StageError("text_encode: negative_context and context shapes differ")
+
+
+def _tensors(item) -> list[tuple[str, torch.Tensor]]:
+    """The floating-point tensors of a tensor or of a family's embeddings dataclass."""
+    if isinstance(item, torch.Tensor):
+        return [("", item)]
+    fields = dataclasses.fields(item) if dataclasses.is_dataclass(item) else ()
+    return [(f".{f.name}", v) for f in fields
+            if isinstance(v := getattr(item, f.name), torch.Tensor) and v.is_floating_point()]

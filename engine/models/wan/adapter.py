@@ -47,7 +47,14 @@ def _image_tokens(dit: nn.Module, image: ImageCond | None, device: torch.device,
     return image.clip_tokens.to(device, dtype)[None]
 
 
-class ConcatAdapter:
+class _WanText:
+    """Wan's text conditioning: one (L, D) umT5 tensor per prompt."""
+
+    def text_input(self, embeds: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return embeds.to(device, dtype)[None]                                      # (1, L, D)
+
+
+class ConcatAdapter(_WanText):
     """Image conditioning concatenated on the channel axis (see the module docstring)."""
 
     def image_condition(self, image, num_frames: int, height: int, width: int, vae, image_encoder,
@@ -84,7 +91,7 @@ class ConcatAdapter:
         return _dummy(dit, text_len, device, dtype) + (_image_tokens(dit, None, device, dtype),)
 
 
-class FirstFrameAdapter:
+class FirstFrameAdapter(_WanText):
     """Image latents replace latent frame 0, whose tokens see timestep 0 (see the module docstring)."""
 
     def image_condition(self, image, num_frames: int, height: int, width: int, vae, image_encoder,
