@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.dit import fusions_of  # noqa: E402
 from engine.options import EngineOptions  # noqa: E402
 
 DEV = "cuda"
@@ -327,7 +328,7 @@ def engine_model(cfg_kwargs: dict, sd: dict, mode: str):
     model.eval().requires_grad_(False)
     options = EngineOptions(device=DEV, dtype="bfloat16", quantization="none" if precision == "bf16" else precision,
                             attention=attention, compile="compile" in parts)
-    fusions = WanTransformer.fusions()
+    fusions = fusions_of(WanTransformer)
     if "nofuse" in parts:  # the same without the fused attention projections (A/B)
         fusions = dataclasses.replace(fusions, swaps={})
     if "noffn" in parts:  # the same without the feed-forward's fused GELU (A/B)

@@ -19,6 +19,8 @@ through these declarations and the helpers below, never through attribute names 
 """
 from __future__ import annotations
 
+import importlib
+
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
@@ -181,7 +183,13 @@ def keeps_fp32(model: nn.Module | type, param_name: str) -> bool:
 
 
 def fusions_of(model: nn.Module | type) -> Fusions:
-    """The fused-kernel swaps the class declares (`fusions()` classmethod), else `NO_FUSIONS`."""
+    """The fused-kernel swaps the class declares, else `NO_FUSIONS`. A class declares them as
+    `fusions: ClassVar[str] = "package.module:NAME"` (a `Fusions` the family keeps beside its
+    model, imported on first use, so the model file need not import the fused modules that
+    import it) or as a `fusions()` classmethod."""
     cls = model if isinstance(model, type) else type(model)
     declare = getattr(cls, "fusions", None)
+    if isinstance(declare, str):
+        module, name = declare.split(":")
+        return getattr(importlib.import_module(module), name)
     return declare() if callable(declare) else NO_FUSIONS

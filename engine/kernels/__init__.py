@@ -6,7 +6,7 @@
 - FP8/INT8 GEMM helpers used by engine.quant (quant_ops);
 - `compile_blocks(model)`: torch.compile of each repeated block (EngineOptions.compile);
 - `fuse_modules(model)`: the module swaps a family declares (`engine.dit.Fusions.swaps`, from its
-  class's `fusions()`), built on this package's generic pieces (`fused_attention.concat_linears`,
+  class's `fusions` seam), built on this package's generic pieces (`fused_attention.concat_linears`,
   `fused_attention.norm_rope` with its Triton norm + rotary kernel, `vae_norm.rms_norm_act`);
   part of `optimize_transformer` / `optimize_vae` on CUDA;
 - `fused_ffn.fuse_ffn(model, feed_forwards)`: the declared feed-forwards' GELU fused: with 8-bit

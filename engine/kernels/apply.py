@@ -1,7 +1,7 @@
 """Entry points for the loaders: apply the speed options of EngineOptions to a loaded DiT / VAE.
 
 What is swapped for which fused module is the model's declaration (`engine.dit.Fusions`, from the
-class's `fusions()` seam, or passed explicitly); this file imports no model.
+class's `fusions` seam, or passed explicitly); this file imports no model.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def optimize_transformer(model: nn.Module, options: EngineOptions, fusions: Fusi
 
 
 def optimize_vae(vae: nn.Module, options: EngineOptions, fusions: Fusions | None = None) -> nn.Module:
-    """On CUDA: the VAE's fusions (`fusions`, default the class's `fusions()` declaration; e.g.
+    """On CUDA: the VAE's fusions (`fusions`, default the class's `fusions` declaration; e.g.
     channels-last convolutions, then RMS norm + SiLU in one Triton pass) and cuDNN autotuning of
     the convolution algorithms (`torch.backends.cudnn.benchmark`, process-wide: the first decode at
     a new size pays the search). Elsewhere unchanged. Returns the VAE."""

@@ -6,7 +6,7 @@
   embedding of interleaved channel pairs in one Triton pass on CUDA (`norm_rope.rms_norm_rope`),
   or the model's own norm and `rotate` elsewhere and under torch.compile (Inductor fuses them).
 
-Which model module becomes which fused module is the family's declaration (its `fusions()`, e.g.
+Which model module becomes which fused module is the family's declaration (its `fusions` seam, e.g.
 engine/models/wan/fusions.py), applied by `engine.kernels.fuse_modules`. This file imports no model.
 """
 from __future__ import annotations

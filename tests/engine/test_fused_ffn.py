@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine.dit import fusions_of
 from engine.kernels.fused_ffn import GeluFeedForward, QuantFeedForward, fusable, fuse_ffn, gelu_fusable
 from engine.models.wan.transformer import FeedForward, WanTransformer
 from engine.quant import FP8Linear, Int8Linear, quantize_model
@@ -58,7 +59,7 @@ def test_fusable_reads_the_diffusers_layout_not_a_class():
     assert fusable(Other(quantized_ffn("int8")[0]))
     assert gelu_fusable(Other(FeedForward(64, 200, 64, "tanh").to(torch.bfloat16)))
     assert not fusable(nn.Linear(4, 4)) and not gelu_fusable(nn.Sequential(nn.Linear(4, 4)))
-    assert WanTransformer.fusions().feed_forwards == FFN
+    assert fusions_of(WanTransformer).feed_forwards == FFN
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])

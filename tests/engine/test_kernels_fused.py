@@ -144,8 +144,10 @@ def test_fuse_modules_frees_each_original_as_it_goes():
 
 def test_wan_transformer_declares_its_fusions():
     from engine.dit import fusions_of
+    from engine.models.wan.fusions import VAE_FUSIONS
+    from engine.models.wan.vae import WanVAE
 
-    assert fusions_of(WanTransformer) is DIT_FUSIONS is WanTransformer.fusions()
+    assert fusions_of(WanTransformer) is DIT_FUSIONS and fusions_of(WanVAE) is VAE_FUSIONS
     assert fuse_modules(tiny(), Fusions()) == 0  # an explicit empty declaration swaps nothing
 
 

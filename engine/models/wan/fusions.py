@@ -1,6 +1,6 @@
 """The Wan modules' fused-kernel replacements: which Wan module becomes which fused module.
 
-Declared here, in the family's folder, on engine.kernels' generic pieces; `WanTransformer.fusions()`
+Declared here, in the family's folder, on engine.kernels' generic pieces; `WanTransformer.fusions`
 returns `DIT_FUSIONS` (engine.dit seam) and `engine.kernels.optimize_transformer` applies it on
 CUDA. `VAE_FUSIONS` is the Wan VAE's, for `engine.kernels.optimize_vae(vae, options, VAE_FUSIONS)`.
 
@@ -94,7 +94,7 @@ DIT_FUSIONS = Fusions(
     swaps={WanSelfAttention: FusedSelfAttention, WanCrossAttention: FusedCrossAttention},
     feed_forwards=(FeedForward,),
 )
-"""What `WanTransformer.fusions()` declares."""
+"""What `WanTransformer.fusions` declares."""
 
 
 # ---------------------------------------------------------------------------------------------

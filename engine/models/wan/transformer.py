@@ -24,7 +24,7 @@ Seams for outside code (engine.dit, declared on `WanTransformer`), never flags i
 `repeated_blocks` ("blocks"), `sequence_hooks` ("sequence": `split` the tokens and what is aligned
 with them before the blocks, `gather` before the head; identity here, Ulysses shards the token
 axis), `sequence_attention` (each block's `attn1.core`, an `engine.attention.AttentionCore`),
-`keep_in_fp32`, `quant_skip`, and `fusions()` (engine/models/wan/fusions.py: the fused-kernel
+`keep_in_fp32`, `quant_skip`, and `fusions` (engine/models/wan/fusions.py: the fused-kernel
 module swaps).
 """
 from __future__ import annotations
@@ -486,6 +486,9 @@ class WanTransformer(nn.Module):
     image tokens that every rank holds whole)."""
     keep_in_fp32: ClassVar[tuple[str, ...]] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
     """Parameter-name components kept float32 when the model runs in bf16/fp16 (as diffusers)."""
+    cache_signal: ClassVar[str] = "modulation"
+    """engine.cache seam: the repeated block's argument carrying the timestep modulation, whose
+    change from step to step TeaCache measures (TeaCache's `e0` for Wan)."""
     quant_skip: ClassVar[tuple[str, ...]] = (
         "condition_embedder*",   # time / text / image embedders
         "proj_out",              # output head
@@ -494,6 +497,8 @@ class WanTransformer(nn.Module):
         "*scale_shift_table*",   # modulation
     )
     """Linear layers engine.quant keeps in high precision (fnmatch on the module name)."""
+    fusions: ClassVar[str] = "engine.models.wan.fusions:DIT_FUSIONS"
+    """engine.dit seam: the fused-kernel module swaps for this model (engine.kernels applies them)."""
 
     def __init__(self, config: WanDiTConfig) -> None:
         super().__init__()
@@ -513,13 +518,6 @@ class WanTransformer(nn.Module):
         """Whether a parameter stays float32 in a low-precision model (diffusers' rule: a
         component of the dotted name is in `keep_in_fp32`)."""
         return keeps_fp32(cls, param_name)
-
-    @classmethod
-    def fusions(cls) -> "Fusions":
-        """engine.dit seam: the fused-kernel module swaps for this model (engine.kernels applies them)."""
-        from engine.models.wan.fusions import DIT_FUSIONS
-
-        return DIT_FUSIONS
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, image_context: Tensor | None = None) -> Tensor:
         """x (B, C_in, F, H, W); timestep in [0, 1000]: (B,) one per sample (or one value for all),

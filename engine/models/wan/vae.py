@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import dataclasses
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -657,6 +657,9 @@ class Decoder3d(nn.Module):
 class WanVAE(nn.Module):
     """Wan VAE (2.1 or 2.2, by config). `encode`: video in [-1, 1] -> normalised latents;
     `decode`: the reverse."""
+
+    fusions: ClassVar[str] = "engine.models.wan.fusions:VAE_FUSIONS"
+    """engine.dit seam: the fused RMSNorm + SiLU and channels-last that engine.kernels.optimize_vae applies."""
 
     def __init__(self, config: WanVAEConfig) -> None:
         super().__init__()
