@@ -76,11 +76,13 @@ def phase_at(phases: tuple[Phase, ...], t: Tensor) -> Phase:
 def run_phases(phases: tuple[Phase, ...], predictors: Mapping[str, "GuidedPredictor"],
                dits: Mapping[str, nn.Module], adapter: "DiTAdapter", sampler, latents: Tensor,
                context: Tensor, negative: Tensor | None, image: "ImageCond | None", dtype: torch.dtype,
-               progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Tensor:
+               progress: ProgressFn | None = None, should_cancel: CancelFn | None = None,
+               on_step: Callable[[int], None] | None = None) -> Tensor:
     """Runs every step of `sampler`; returns the final latents (1, C, F, H, W) float32.
 
     latents: (1, C, F_lat, H_lat, W_lat) float32 initial noise on the device. context / negative:
-    (1, L, D) in the model dtype (negative None = guidance off)."""
+    (1, L, D) in the model dtype (negative None = guidance off). `on_step(i)` is called before
+    step i's guided prediction (a request's feature cache: engine/cache.py)."""
     timesteps = sampler.timesteps.to(latents.device, torch.float32)  # (steps,), one copy to the device
     steps = timesteps.shape[0]
     current: Phase | None = None
@@ -97,6 +99,8 @@ def run_phases(phases: tuple[Phase, ...], predictors: Mapping[str, "GuidedPredic
             current = phase
             # 2. The DiT input from the adapter, the guided velocity, one sampler step.
             dit = dits[phase.expert]
+            if on_step is not None:
+                on_step(i)
             x, timestep, image_tokens = adapter.model_input(latents, t, image, dit, dtype)
             velocity = predictors[phase.expert](x, timestep, context, negative, phase.guidance_scale, image_tokens)
             latents = sampler.step(velocity, i, latents).to(torch.float32)

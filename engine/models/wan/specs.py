@@ -182,3 +182,7 @@ VARIANTS: dict[str, WanVariant] = {spec.name: variant for spec, variant in SPECS
 
 for _spec, _ in SPECS:
     register(_spec)
+
+from engine.models.wan import caching  # noqa: E402  (the published TeaCache / MagCache calibrations)
+
+caching.register()
