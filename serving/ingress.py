@@ -59,7 +59,7 @@ from serving.auth import ApiKeys, check_origin
 from serving.config import AppArgs, import_object
 from serving.deployments import DenoiseProgress, DiTGroupUnavailable, LatentsRef
 from serving.jobstore import JobNotFound, JobRecord, SQLiteJobStore, new_job_id
-from serving.limits import BodyLimit
+from serving.limits import MULTIPART_OVERHEAD, BodyLimit
 from serving.settings import ServiceSettings
 from stages.request import ResolvedRequest
 
@@ -115,7 +115,8 @@ class Ingress:
             raise ApiError(503, f"too many pending jobs ({pending}); retry later",
                            headers={"Retry-After": str(self.args.ingress.retry_after_s)})
         job = self.store.create(JobRecord(
-            id=new_job_id(), created_at=int(time.time()), status="queued", model=self.spec.name,
+            id=new_job_id("image" if self.spec.modality == "image" else "video"),
+            created_at=int(time.time()), status="queued", model=self.spec.name,
             prompt=resolved.prompt, size=f"{resolved.width}x{resolved.height}",
             seconds=format_seconds(resolved.kept_frames, resolved.fps),
             params=request_params(resolved), owner=owner, runner=self.runner))
@@ -433,7 +434,8 @@ def build_http_app(ingress: Ingress) -> FastAPI:
         return answer(ApiError(500, "internal error; the service log has the details"))
 
     # 2. Limits before anything reads the body; CORS outermost (preflights), only when configured.
-    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes,
+                       max_multipart_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"],

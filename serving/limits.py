@@ -4,7 +4,9 @@
 a byte of it, and counts the bytes of bodies sent without a length (chunked) as they stream in:
 at the limit, reading raises `BodyTooLarge` (an `ApiError`, answered 413) inside whatever reads
 the body (JSON parsing, the multipart parser), so nothing beyond the limit is ever held or
-spooled to disk. The per-file limit of uploads is the multipart parser's (`serving.ingress`).
+spooled to disk. A multipart body may be given a smaller limit (`max_multipart_bytes`: the
+ingress allows the largest upload plus `MULTIPART_OVERHEAD`), so an oversized upload is stopped
+while it streams, not after it was spooled; the exact per-file limit is checked after parsing.
 """
 from __future__ import annotations
 
@@ -25,18 +27,26 @@ class BodyTooLarge(ApiError):
         super().__init__(413, f"request body too large{size}: at most {limit} bytes are accepted")
 
 
-class BodyLimit:
-    """ASGI middleware: at most `max_body_bytes` of request body (see the module docstring)."""
+MULTIPART_OVERHEAD = 1024 * 1024
+"""What a multipart body may hold beyond its file: boundaries, headers, the text fields."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+
+class BodyLimit:
+    """ASGI middleware: at most `max_body_bytes` of request body, `max_multipart_bytes` (when
+    given and smaller) for multipart bodies (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_multipart_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_multipart_bytes = max_multipart_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
+        if self.max_multipart_bytes is not None and _header(scope, b"content-type").startswith(b"multipart/"):
+            limit = min(limit, self.max_multipart_bytes)
         length = _content_length(scope)
         if length == -1:
             await _answer(scope, receive, send, ApiError(400, "Content-Length must be a non-negative integer"))
@@ -56,6 +66,13 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.lower()
+    return b""
 
 
 def _content_length(scope: Scope) -> int | None:

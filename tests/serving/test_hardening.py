@@ -320,3 +320,16 @@ def test_unexpected_errors_are_a_plain_500(api, monkeypatch):
     monkeypatch.setattr(ingress, "list_videos", boom)
     error = assert_openai_error(client.get("/v1/videos", headers=A), 500)
     assert error["message"] == "internal error; the service log has the details"
+
+
+def test_an_oversized_upload_is_stopped_while_it_streams(tmp_path):
+    """Multipart bodies are capped at the upload limit plus 1 MiB while they stream (the body
+    limit here is 64 MiB): a 40 MB upload is never spooled whole."""
+    ingress, _ = make_app(tmp_path, {"max_body_bytes": 64 * 1024 * 1024, "max_upload_bytes": 1024 * 1024})
+    app = ingress.__serve_build_asgi_app__()
+    part = (b'--xyz\r\nContent-Disposition: form-data; name="input_reference"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    chunk = b"\0" * 256 * 1024
+    status, read = _asgi_post(app, [(b"content-type", b"multipart/form-data; boundary=xyz")],
+                              [part] + [chunk] * 160)  # 40 MB
+    assert status == 413 and read <= 10, (status, read)  # 2 MiB = 8 chunks, then stop
