@@ -18,7 +18,8 @@ import os
 import torch
 
 from engine.loading import Checkpoint, Layout, read_json
-from engine.models.wan import loader
+from engine.lora import LoRAKeys
+from engine.models.wan import keymap_dit, loader
 from engine.models.wan.loader import OFFICIAL_EXPERT_DIRS
 from engine.models.wan.adapter import ConcatAdapter, FirstFrameAdapter
 from engine.models.wan.specs import (
@@ -54,6 +55,8 @@ class WanFamily:
     """See the module docstring."""
 
     name = FAMILY
+    lora_keys = LoRAKeys(keymap_dit.official_to_diffusers, keymap_dit.diffusers_to_official)
+    """engine.lora: LoRA files in the official release's names map to the DiT's as its checkpoints do."""
 
     # -- variant detection ----------------------------------------------------------------------
 

@@ -38,6 +38,9 @@ from .vae import RMSNorm, WanVAE
 class FusedSelfAttention(nn.Module):
     """WanSelfAttention with one q|k|v GEMM and a fused norm + rotary step (same outputs)."""
 
+    linear_parts = {"to_qkv": ("to_q", "to_k", "to_v")}
+    """engine.lora: the linears `to_qkv` holds, in row order (a LoRA for to_q goes to its rows)."""
+
     def __init__(self, attn: WanSelfAttention) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
@@ -61,6 +64,9 @@ class FusedSelfAttention(nn.Module):
 
 class FusedCrossAttention(nn.Module):
     """WanCrossAttention with the text k|v projections in one GEMM (same outputs)."""
+
+    linear_parts = {"to_kv": ("to_k", "to_v")}
+    """engine.lora: the linears `to_kv` holds, in row order."""
 
     def __init__(self, attn: WanCrossAttention) -> None:
         super().__init__()
