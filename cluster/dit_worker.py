@@ -78,8 +78,9 @@ class DiTWorker:
         `options` on this rank's device; apply the parallel config. Returns a short summary."""
         from engine.checkpoint import resolve_checkpoint
         from engine.families import get_family
+        from engine.guidance import combiner
         from engine.parallel import check_parallel_config, guided_predictors, init_mesh
-        from stages.denoise import DenoiseStage
+        from stages.denoise import DenoiseStage, load_dits_with_loras
 
         ctx = self._require_ctx()
         if options.parallel.world_size != ctx.world_size:
@@ -90,12 +91,14 @@ class DiTWorker:
         ckpt = resolve_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
         start = time.perf_counter()
         family = get_family(ckpt.spec.family)
-        dits = family.load_dits(ckpt, options)
+        dits = load_dits_with_loras(ckpt, options)             # the family's, with options.lora_path
         for dit in dits.values():
             check_parallel_config(dit, options.parallel.ulysses)   # before any collective
         mesh = init_mesh(options.parallel, options.device)
-        predictors = guided_predictors(dits, options, mesh)
-        self.stage = DenoiseStage(dits, family.adapter(ckpt.spec), ckpt.spec, options, predictors=predictors)
+        predictors = guided_predictors(dits, options, mesh,
+                                       combine_fn=combiner(ckpt.spec.guidance, ckpt.spec.latent.patch))
+        self.stage = DenoiseStage(dits, family.adapter(ckpt.spec), ckpt.spec, options, predictors=predictors,
+                                  cache_group=mesh.world.group)      # TeaCache's ranks agree over it
         self.options, self.spec = options, ckpt.spec
         return {"rank": ctx.rank, "device": options.device, "model": ckpt.spec.name,
                 "experts": sorted(dits), "load_s": round(time.perf_counter() - start, 3)}

@@ -79,9 +79,23 @@ class EngineOptions:
     """Frame interpolator for requests' target_fps, loaded once per decoder: a RIFE v4.x
     `flownet.pkl` (Practical-RIFE's release; or the folder holding it), or "tiny" (random
     weights, for tests). None: requests asking target_fps are refused."""
+    lora_path: tuple[str, ...] = ()
+    """LoRA files applied to the DiT(s) at load (engine/lora.py: diffusers/PEFT, official/ComfyUI,
+    kohya): merged into 16-bit weights; beside FP8/INT8 linears, never merged into them."""
+    lora_strength: tuple[float, ...] = ()
+    """The strength of each lora_path, or one for all (empty: 1.0)."""
+    lora_expert: tuple[str, ...] = ()
+    """The expert of each lora_path for two-expert models ("high_noise", "low_noise"); empty: every
+    expert."""
+    lora_dir: str | None = None
+    """Folder in which requests' LoRA names resolve (a request names a file in it, never a path);
+    None: requests cannot name LoRAs."""
+    lora_cache: int = 4
+    """LoRAs each DiT worker keeps loaded for requests (least recently used dropped first)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        self._normalize_loras()
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -104,6 +118,27 @@ class EngineOptions:
                              f"got {self.interpolator!r}")
         if not isinstance(self.parallel, ParallelConfig):
             raise ValueError(f"parallel must be a ParallelConfig, got {type(self.parallel).__name__}")
+
+    def _normalize_loras(self) -> None:
+        """One value or a list -> a tuple (the facade's `lora_path="x.safetensors"`); types checked."""
+        for name, kind in (("lora_path", str), ("lora_strength", (int, float)), ("lora_expert", str)):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+            if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, kind)
+                                                          for v in value):
+                what = "strings" if kind is str else "numbers"
+                raise ValueError(f"{name} must be one value or a list of {what}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, tuple(float(v) if name == "lora_strength" else v for v in value))
+        if self.lora_strength and len(self.lora_strength) not in (1, len(self.lora_path)):
+            raise ValueError(f"lora_strength must give one value, or one per lora_path ({len(self.lora_path)}), "
+                             f"got {len(self.lora_strength)}")
+        if self.lora_expert and len(self.lora_expert) != len(self.lora_path):
+            raise ValueError(f"lora_expert must give one expert per lora_path ({len(self.lora_path)}), "
+                             f"got {len(self.lora_expert)}")
+        if self.lora_dir is not None and (not isinstance(self.lora_dir, str) or not self.lora_dir):
+            raise ValueError(f"lora_dir must be a folder path or None, got {self.lora_dir!r}")
+        if isinstance(self.lora_cache, bool) or not isinstance(self.lora_cache, int) or self.lora_cache < 0:
+            raise ValueError(f"lora_cache must be an integer >= 0, got {self.lora_cache!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

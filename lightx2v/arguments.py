@@ -70,6 +70,49 @@ def split_resolution(resolution: Any) -> dict[str, Any]:
     return {"height": height, "width": width}
 
 
+def parse_lora(text: str) -> list[dict[str, Any]]:
+    """The CLI's `--lora PATH[:STRENGTH[:EXPERT]][,PATH...]` (or a JSON list of LoRA objects) ->
+    the request's lora list."""
+    import json
+
+    if text.lstrip().startswith(("[", "{")):
+        value = json.loads(text)
+        return value if isinstance(value, list) else [value]
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        path, strength, expert = item, 1.0, None
+        head, _, last = item.rpartition(":")
+        if head and not _is_number(last):                    # ...:STRENGTH:EXPERT
+            head2, _, mid = head.rpartition(":")
+            if head2 and _is_number(mid):
+                path, strength, expert = head2, float(mid), last
+        elif head and _is_number(last):                      # ...:STRENGTH
+            path, strength = head, float(last)
+        out.append({"path": path, "strength": strength, **({"expert": expert} if expert else {})})
+    return out
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A JSON object from the CLI (`--cache-options '{"threshold": 0.1}'`)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"expected a JSON object, e.g. '{{\"threshold\": 0.1}}': {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def attention_backends() -> list[str]:
     """The registered attention backends (the quantized ones register when engine.kernels loads)."""
     import engine.kernels  # noqa: F401
@@ -88,6 +131,8 @@ ARGUMENTS: dict[str, Override] = {
     "image": Override(opens_files=True),
     "latents": Override(flags=()),      # a tensor: the library only
     "output_type": Override(flags=()),  # the CLI writes the file named by -o
+    "lora": Override(parse=parse_lora, metavar="PATH[:STRENGTH[:EXPERT]][,...]"),
+    "cache_options": Override(parse=parse_json_object, metavar="JSON"),
     # -- engine options (EngineOptions, flat names as engine.options.FLAT_NAMES gives them) --
     "device": Override(run_time_default="generate: cuda when available, else cpu; serve: cpu"),
     "dtype": Override(run_time_default="bfloat16 on cuda, float32 on cpu"),

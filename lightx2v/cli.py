@@ -96,7 +96,7 @@ def _is_plain(arg: Argument) -> bool:
     annotation = strip_optional(arg.annotation)
     if get_origin(annotation) is Literal or annotation in (str, int, float, bool):
         return True
-    return get_origin(annotation) in (list, tuple) and all(a in (str, int, float) for a in get_args(annotation))
+    return get_origin(annotation) in (list, tuple) and all(a in (str, int, float, Ellipsis) for a in get_args(annotation))
 
 
 # ----------------------------------------------------------------------------- generate

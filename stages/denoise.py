@@ -9,6 +9,7 @@ conditioning and timesteps enter the DiT is the family adapter's (engine/familie
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Mapping
 
 import torch
@@ -30,6 +31,27 @@ if TYPE_CHECKING:
 __all__ = ["CancelFn", "Cancelled", "DenoiseStage", "ProgressFn", "initial_noise"]
 
 
+def lora_keys(spec: "ModelSpec"):
+    """The family's LoRA key map (engine.lora.LoRAKeys; None when it declares none)."""
+    from engine.families import get_family
+
+    try:
+        return getattr(get_family(spec.family), "lora_keys", None)
+    except KeyError:  # a spec of no registered family (test fakes)
+        return None
+
+
+def load_dits_with_loras(ckpt: "Checkpoint", options: "EngineOptions") -> dict[str, nn.Module]:
+    """The family's DiTs with the engine options' LoRAs applied (engine.lora: merged into 16-bit
+    weights, beside 8-bit linears)."""
+    from engine.families import get_family
+    from engine.lora import apply_load_time_loras
+
+    dits = get_family(ckpt.spec.family).load_dits(ckpt, options)
+    apply_load_time_loras(dits, options, ckpt.spec, lora_keys(ckpt.spec))
+    return dits
+
+
 def initial_noise(request: ResolvedRequest) -> torch.Tensor:
     """(C, F_lat, H_lat, W_lat) float32 CPU: the request's latents, or seeded Gaussian noise."""
     if request.latents is not None:
@@ -40,13 +62,17 @@ def initial_noise(request: ResolvedRequest) -> torch.Tensor:
 
 class DenoiseStage(Stage):
     """The sampler loop around the model's DiTs. One instance serves many requests (no
-    per-request state)."""
+    per-request state): a request's LoRAs (engine/lora.py, read once and kept in `loras`, a
+    bounded LRU) and feature cache (engine/cache.py) are applied for its loop only. `cache_group`:
+    the process group whose ranks must take the same cache decisions (the DiT worker's world)."""
 
     name = "denoise"
     output_type = Latents
 
     def __init__(self, dits: Mapping[str, nn.Module], adapter: "DiTAdapter", spec: "ModelSpec",
-                 options: "EngineOptions", predictors: Mapping[str, GuidedPredictor] | None = None) -> None:
+                 options: "EngineOptions", predictors: Mapping[str, GuidedPredictor] | None = None,
+                 cache_group=None) -> None:
+        from engine.lora import LoRABank
         missing = [e.name for e in spec.experts if e.name not in dits]
         if missing:
             raise ValueError(f"{spec.name}: DiTs missing for experts {missing} (given: {sorted(dits)})")
@@ -55,6 +81,9 @@ class DenoiseStage(Stage):
         self.spec = spec
         self.options = options
         self.predictors = dict(predictors) if predictors is not None else guided_predictors(self.dits, options)
+        self.loras = LoRABank(lora_keys(spec), options.torch_device, options.torch_dtype,
+                              capacity=options.lora_cache, lora_dir=options.lora_dir)
+        self.cache_group = cache_group
 
     @property
     def transformer(self) -> nn.Module:
@@ -66,7 +95,8 @@ class DenoiseStage(Stage):
         from engine.families import get_family
 
         family = get_family(ckpt.spec.family)
-        return cls(family.load_dits(ckpt, options), family.adapter(ckpt.spec), ckpt.spec, options)
+        dits = load_dits_with_loras(ckpt, options)
+        return cls(dits, family.adapter(ckpt.spec), ckpt.spec, options)
 
     def forward(self, request: ResolvedRequest, text: TextEmbeds, image: ImageCond | None = None,
                 progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Latents:
@@ -91,9 +121,30 @@ class DenoiseStage(Stage):
             dynamic=d.dynamic_shift if request.dynamic_shift else None, shift_terminal=d.shift_terminal,
             spacing=d.spacing, image_seq_len=f_lat * (h_lat // patch) * (w_lat // patch), seed=request.seed)
         phases = make_phases(self.spec, request.guidance_scale, request.guidance_scale_2)
-        latents = run_phases(phases, self.predictors, self.dits, self.adapter, sampler, latents, context,
-                             negative, image, dtype, progress=progress, should_cancel=should_cancel)
+
+        # 3. The request's LoRAs and feature cache, for this loop only.
+        cache = self._feature_cache(request)
+        with contextlib.ExitStack() as stack:
+            if request.lora:
+                stack.enter_context(self.loras.applied(self.dits, self.spec.experts, self._lora_uses(request)))
+            if cache is not None:
+                stack.enter_context(cache.applied(self.dits))
+            latents = run_phases(phases, self.predictors, self.dits, self.adapter, sampler, latents, context,
+                                 negative, image, dtype, progress=progress, should_cancel=should_cancel,
+                                 on_step=cache.begin_step if cache is not None else None)
         return Latents(latents=latents[0].cpu())
+
+    def _lora_uses(self, request: ResolvedRequest) -> list:
+        from engine.lora import LoRAUse
+
+        return [LoRAUse(self.loras.resolve_name(lora.name) if lora.name is not None else lora.path,
+                        lora.strength, lora.expert) for lora in request.lora]
+
+    def _feature_cache(self, request: ResolvedRequest):
+        from engine.cache import FeatureCache, cache_config
+
+        config = cache_config(request.cache, request.cache_options, self.spec.name)
+        return None if config is None else FeatureCache(config, request.steps, self.cache_group)
 
     def check_output(self, request: ResolvedRequest, out: Latents) -> None:
         expect_shape(self.name, "latents", out.latents, request.latent_shape)

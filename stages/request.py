@@ -193,6 +193,36 @@ def _list_samplers() -> list[str]:
 # ----------------------------------------------------------------------------- requests
 
 
+class LoRARequest(BaseModel):
+    """One LoRA for one request (engine/lora.py reads the file): `path` (library and CLI) or
+    `name` (a file in the service's lora_dir; the HTTP API takes names only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str | None = None
+    """A LoRA file (.safetensors)."""
+    name: str | None = None
+    """A file name inside the engine's lora_dir (".safetensors" may be left out); no folders, no ".."."""
+    strength: float = 1.0
+    """Scale of the LoRA's delta (diffusers' adapter weight)."""
+    expert: str | None = None
+    """Two-expert models: "high_noise" or "low_noise" (or the component name); None = every expert."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoRARequest":
+        from engine.lora import check_lora_name
+
+        if (self.path is None) == (self.name is None):
+            raise ValueError("a LoRA needs exactly one of path (a file) and name (in the LoRA folder)")
+        if self.name is not None:
+            check_lora_name(self.name)
+        if self.path is not None and not self.path.strip():
+            raise ValueError("lora path must be a non-empty file path")
+        if not math.isfinite(self.strength) or abs(self.strength) > 100:
+            raise ValueError(f"lora strength must be a finite number in -100..100, got {self.strength}")
+        return self
+
+
 class GenerationRequest(BaseModel):
     """What a caller asks for. None means "the model's default"."""
 
@@ -238,6 +268,14 @@ class GenerationRequest(BaseModel):
     """"mp4" (video models' default), "png" (image models' default), "np" pixels, or "latent"."""
     latents: Any = None
     """Initial noise, a tensor of the latent shape (C, F_lat, H/8, W/8) (a leading 1 is allowed)."""
+    lora: list[LoRARequest] | None = None
+    """LoRAs for this request only: [{"path" or "name", "strength", "expert"}] (engine/lora.py;
+    the service takes names in its lora_dir, never paths). Gone after the request."""
+    cache: Literal["none", "teacache", "magcache"] | None = None
+    """Feature caching across steps (engine/cache.py): "teacache", "magcache", or None / "none" (off)."""
+    cache_options: dict[str, Any] | None = None
+    """Options of the cache over the model's calibrated defaults: MagCache mag_ratios, threshold,
+    max_skip_steps, retention_ratio; TeaCache coefficients, threshold, ret_steps."""
 
     @field_validator("prompt")
     @classmethod
@@ -419,6 +457,20 @@ class GenerationRequest(BaseModel):
             if output_type == "latent":
                 raise RequestError("target_fps", "is applied to the decoded frames: not accepted with "
                                                  "output_type 'latent'")
+        # 9. LoRA experts; the cache's options over the model's calibrated defaults.
+        from engine.cache import cache_config, config_options
+        from engine.lora import check_expert
+
+        for i, lora in enumerate(self.lora or ()):
+            try:
+                check_expert(lora.expert, spec.experts, "expert")
+            except ValueError as e:
+                raise RequestError(f"lora[{i}].expert", str(e).removeprefix("expert ")) from None
+        try:
+            cache = cache_config(self.cache, self.cache_options, spec.name)
+        except ValueError as e:
+            field = "cache" if str(e).startswith("cache must") else "cache_options"
+            raise RequestError(field, str(e).removeprefix("cache_options").lstrip(".: ")) from None
 
         return ResolvedRequest(
             model=spec.name,
@@ -443,6 +495,9 @@ class GenerationRequest(BaseModel):
             latents=self.latents,
             latent_shape=shape,
             modality=spec.modality,
+            lora=tuple(self.lora or ()),
+            cache="none" if cache is None else cache.method,
+            cache_options=None if cache is None else config_options(cache),
         )
 
 
@@ -483,6 +538,11 @@ class ResolvedRequest(BaseModel):
     latent_shape: tuple[int, int, int, int]
     """(C, F_lat, H_lat, W_lat) of the initial noise and the result."""
     modality: Literal["video", "image"] = "video"
+    lora: tuple[LoRARequest, ...] = ()
+    """This request's LoRAs (applied for it only)."""
+    cache: Literal["none", "teacache", "magcache"] = "none"
+    cache_options: dict[str, Any] | None = None
+    """The cache's full options (the model's calibrated defaults with the request's over them)."""
 
     @model_validator(mode="before")
     @classmethod
