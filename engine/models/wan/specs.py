@@ -116,6 +116,19 @@ def _tiny_defaults(num_frames: int = 9, size: int = 64, guidance_2: float | None
                             shift=3.0, sampler="unipc", fps=8, negative_prompt="", guidance_scale_2=guidance_2)
 
 
+DISTILL_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
+"""The 4 training timesteps of the step-distilled Wan models (LightX2V's `denoising_step_list`,
+Wan2.2-Lightning's `linspace(1000, 0, 5)[:-1]`), shifted by 5: sigmas 1, 0.9375, 0.833, 0.625."""
+
+
+def _distill_defaults(height: int, width: int) -> SamplingDefaults:
+    """4 fixed steps, shift 5, Euler without fresh noise, no classifier-free guidance (LightX2V
+    `configs/distill/*`, Wan2.2-Lightning)."""
+    return SamplingDefaults(num_frames=81, height=height, width=width, steps=4, guidance_scale=1.0, shift=5.0,
+                            sampler="euler", fps=16, negative_prompt="", guidance_scale_2=1.0,
+                            timesteps=DISTILL_TIMESTEPS)
+
+
 SPECS: tuple[tuple[ModelSpec, WanVariant], ...] = (
     (ModelSpec(
         name="wan2.1-t2v-1.3b", family=FAMILY, tasks=frozenset({"t2v"}), defaults=T2V_DEFAULTS,
@@ -159,6 +172,41 @@ SPECS: tuple[tuple[ModelSpec, WanVariant], ...] = (
         aliases=("Wan2.2-TI2V-5B", "Wan-AI/Wan2.2-TI2V-5B", "Wan-AI/Wan2.2-TI2V-5B-Diffusers"),
         description="Wan2.2 text/image-to-video 5B with the Wan2.2 VAE (720p, 24 fps)",
     ), WanVariant(TI2V_5B, expand_timesteps=True)),
+    # Step-distilled (4 steps, no CFG): the same architectures, so a folder is recognised as its
+    # base entry; pick these by name (`spec_name=`, or the name / alias as the model). Each takes the
+    # full distilled checkpoint, or the base checkpoint plus the distill LoRA (`lora_path=`).
+    (ModelSpec(
+        name="wan2.1-t2v-14b-distill", family=FAMILY, tasks=frozenset({"t2v"}),
+        defaults=_distill_defaults(480, 832), guidance="none",
+        aliases=("Wan2.1-T2V-14B-StepDistill-CfgDistill",),
+        description="Wan2.1 T2V 14B step- and CFG-distilled (lightx2v/Wan2.1-T2V-14B-StepDistill-CfgDistill-"
+                    "Lightx2v, Self-Forcing DMD): 4 steps without "
+                    "guidance; the full model (distill_models/distill_model.safetensors) or Wan2.1-T2V-14B "
+                    "with lora_path=loras/Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank64.safetensors",
+    ), WanVariant(T2V_14B)),
+    (ModelSpec(
+        name="wan2.1-i2v-14b-480p-distill", family=FAMILY, tasks=frozenset({"i2v"}),
+        defaults=_distill_defaults(480, 832), guidance="none",
+        aliases=("Wan2.1-I2V-14B-480P-StepDistill-CfgDistill",),
+        description="Wan2.1 I2V 14B 480p step- and CFG-distilled (LightX2V): 4 steps without guidance; the "
+                    "full model or Wan2.1-I2V-14B-480P with "
+                    "lora_path=loras/Wan21_I2V_14B_lightx2v_cfg_step_distill_lora_rank64.safetensors",
+    ), WanVariant(I2V_14B)),
+    (ModelSpec(
+        name="wan2.2-t2v-a14b-lightning", family=FAMILY, tasks=frozenset({"t2v"}),
+        defaults=_distill_defaults(480, 832), guidance="none", experts=TWO_EXPERTS, boundary_ratio=0.875,
+        aliases=("Wan2.2-T2V-A14B-Lightning",),
+        description="Wan2.2 T2V A14B with the Wan2.2-Lightning 4-step LoRAs (lightx2v/Wan2.2-Lightning), one "
+                    "per expert (2 steps each): "
+                    "lora_path=[high_noise_model.safetensors, low_noise_model.safetensors], "
+                    "lora_expert=[high_noise, low_noise]",
+    ), WanVariant(T2V_14B, experts=2)),
+    (ModelSpec(
+        name="wan2.2-i2v-a14b-lightning", family=FAMILY, tasks=frozenset({"i2v"}),
+        defaults=_distill_defaults(480, 832), guidance="none", experts=TWO_EXPERTS, boundary_ratio=0.9,
+        aliases=("Wan2.2-I2V-A14B-Lightning",),
+        description="Wan2.2 I2V A14B with the Wan2.2-Lightning 4-step LoRAs, one per expert (2 steps each)",
+    ), WanVariant(I2V_A14B, experts=2)),
     (ModelSpec(
         name="tiny-wan", family=FAMILY, tasks=frozenset({"t2v", "i2v"}), defaults=_tiny_defaults(),
         materialize=_materializer("tiny-wan"),
