@@ -35,9 +35,14 @@ from engine.registry import ModelSpec
 from serving.jobstore import JobRecord
 from stages.request import MAX_FRAMES, GenerationRequest, RequestError, ResolvedRequest
 
-OUR_FIELDS = ("negative_prompt", "num_frames", "steps", "guidance_scale", "shift", "sampler",
-              "seed", "fps", "target_fps")
 OPENAI_FIELDS = ("prompt", "model", "size", "seconds", "input_reference")
+HTTP_SPELLINGS = {"prompt": "prompt", "image": "input_reference", "height": "size", "width": "size",
+                  "images": None, "latents": None, "output_type": None}
+"""Request fields the Videos API spells its own way (OpenAI's names), or not at all (None: library
+only; the API returns MP4)."""
+OUR_FIELDS = tuple(name for name in GenerationRequest.model_fields if name not in HTTP_SPELLINGS)
+"""Every other request field, accepted under its own name (derived: a new request field is an API
+field with no edit here)."""
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_MARGIN = 2

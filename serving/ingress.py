@@ -1,6 +1,7 @@
 """The ingress: HTTP (OpenAI-compatible Videos API) and handle methods, jobs, the job store.
 
-A job is an asyncio task in one ingress replica that chains the stage deployments (see
+A job is an asyncio task in one ingress replica that chains the stage deployments in the order of
+the request's stage plan (stages/plan.py, the same plan `LocalPipeline` follows; see
 serving/deployments.py for how progress and latents flow):
 
     TextEncoder.encode ──┐ (DeploymentResponses passed on, not awaited here)
@@ -61,7 +62,8 @@ from serving.deployments import DenoiseProgress, DiTGroupUnavailable, LatentsRef
 from serving.jobstore import JobNotFound, JobRecord, SQLiteJobStore, new_job_id
 from serving.limits import MULTIPART_OVERHEAD, BodyLimit
 from serving.settings import ServiceSettings
-from stages.request import ResolvedRequest
+from stages.plan import plan_for
+from stages.request import GenerationRequest, ResolvedRequest
 
 log = logging.getLogger("ray.serve")
 
@@ -219,7 +221,7 @@ class Ingress:
         # store before the DiT call is assigned to a replica. Only the image encoder gets the image.
         plain = without_image(request)
         text = self._text.encode.remote(plain)
-        image = self._image.encode.remote(request) if getattr(request, "image", None) is not None else None
+        image = self._image.encode.remote(request) if plan_for(request).image_encode else None
         extra = {"caller": self._caller} if self._caller is not None else {}
         stream = self._dit.options(stream=True).denoise.remote(job_id, plain, text, image, **extra)
         latents: LatentsRef | None = None
@@ -380,8 +382,13 @@ async def _request_fields(request: Request, settings: ServiceSettings) -> dict[s
                         "or multipart/form-data")
 
 
-_FIELD_TYPES = {"num_frames": "integer", "steps": "integer", "seed": "integer", "fps": "integer",
-                "target_fps": "integer", "guidance_scale": "number", "shift": "number"}
+def _json_type(name: str) -> str:
+    """The JSON schema type of a request field, from its annotation."""
+    annotation = str(GenerationRequest.model_fields[name].annotation) if name in GenerationRequest.model_fields else ""
+    return "integer" if "int" in annotation else "number" if "float" in annotation else "string"
+
+
+_FIELD_TYPES = {name: _json_type(name) for name in OUR_FIELDS}
 _BODY_SCHEMA = {
     "type": "object", "required": ["prompt"],
     "properties": {
