@@ -5,6 +5,7 @@ parameter diffs; clear errors; the bank's names and LRU."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -276,3 +277,36 @@ def test_load_time_options():
     opts.lora_strength = (1.0, 2.0, 3.0)
     with pytest.raises(ValueError, match="lora_strength must give one value, or one per lora_path"):
         load_time_loras(opts)
+
+
+def test_facade_load_time_and_per_request_never_leaks(tmp_path):
+    """LightX2V: lora_path merges at load; generate(lora=...) applies for that request only (the next
+    request equals the no-LoRA output); a LoRA by name resolves in lora_dir only."""
+    from safetensors.torch import save_file
+
+    from lightx2v import LightX2V
+
+    g = torch.Generator().manual_seed(9)
+    sd = {}
+    for i in range(2):                       # tiny-wan: width 32, 2 blocks
+        for name in ("self_attn.q", "cross_attn.o"):
+            sd[f"diffusion_model.blocks.{i}.{name}.lora_down.weight"] = torch.randn(RANK, 32, generator=g)
+            sd[f"diffusion_model.blocks.{i}.{name}.lora_up.weight"] = torch.randn(32, RANK, generator=g)
+            sd[f"diffusion_model.blocks.{i}.{name}.alpha"] = torch.tensor(2.0)
+    save_file(sd, str(tmp_path / "style.safetensors"))
+    path = str(tmp_path / "style.safetensors")
+    ask = dict(prompt="a fox", steps=2, seed=3, output_type="latent")
+
+    plain = LightX2V.from_pretrained("tiny-wan", device="cpu", dtype="float32", lora_dir=str(tmp_path))
+    base = plain.generate(**ask)
+    with_lora = plain.generate(**ask, lora=[{"path": path, "strength": 0.8}])
+    assert rel_err(with_lora, base) > 1e-2
+    assert torch.equal(plain.generate(**ask), base)                                   # no leak
+    assert torch.equal(plain.generate(**ask, lora=[{"name": "style", "strength": 0.8}]), with_lora)
+    assert plain.pipeline.denoise.loras.cached() == [os.path.realpath(path)]
+    with pytest.raises(ValueError, match="no LoRA named 'other'"):
+        plain.generate(**ask, lora=[{"name": "other"}])
+
+    merged = LightX2V.from_pretrained("tiny-wan", device="cpu", dtype="float32", lora_path=path,
+                                      lora_strength=0.8)
+    assert rel_err(merged.generate(**ask), with_lora) < 1e-4
