@@ -1,0 +1,155 @@
+"""The page's endpoints through gradio_client (the fast test; test_page_browser.py drives the same
+page in Chromium): in process on tiny-wan, and in server mode against the service's HTTP app
+with an API key. Generate with the asked size and frames, the denoising steps as progress, the
+seed shown and reusable, cancel, errors naming the field, history."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from stages.video import read_mp4
+
+pytest.importorskip("gradio_client", reason="the ui extras are not installed (pip install -e '.[ui]')")
+
+from gradio_client import Client, handle_file  # noqa: E402
+
+API_KEY = "ui-test-key-0123456789abcdef"  # tests/ui/conftest.py
+
+
+def run(client: Client, api_name: str, **inputs):
+    """Submit, record the progress updates, return (outputs, progress units seen)."""
+    job = client.submit(api_name=api_name, **inputs)
+    seen = []
+    while not job.done():
+        status = job.status()
+        if status.progress_data:
+            seen.extend(status.progress_data)
+        time.sleep(0.05)
+    return job.result(), seen
+
+
+def frames_of(path: str) -> np.ndarray:
+    return read_mp4(path).frames
+
+
+def test_generate_with_size_frames_seed_and_progress(page_url):
+    client = Client(page_url, verbose=False)
+    (video, seed, status), seen = run(client, "/generate_t2v", prompt="a red fox in the snow", num_frames=5,
+                                      height=48, width=80, steps=12, seed="7")
+    assert "Done" in status and "random weights: noise" in status, status
+    assert seed == "7"
+    frames = frames_of(video)
+    assert frames.shape == (5, 48, 80, 3)
+    # The progress bar counts the denoising steps (index of length 12).
+    steps = [(u.index, u.length) for u in seen if u.desc == "denoising"]
+    assert steps and all(length == 12 for _, length in steps) and max(i for i, _ in steps) >= 1, seen
+
+    # The same seed gives the same video; an empty seed draws one, shown, and reusing it repeats it.
+    (again, _, _), _ = run(client, "/generate_t2v", prompt="a red fox in the snow", num_frames=5,
+                           height=48, width=80, steps=12, seed="7")
+    assert np.array_equal(frames_of(again), frames)
+    (drawn, drawn_seed, _), _ = run(client, "/generate_t2v", prompt="a red fox in the snow", num_frames=5,
+                                    height=48, width=80, steps=12, seed="")
+    assert drawn_seed.isdigit() and drawn_seed != "7"
+    (reused, reused_seed, _), _ = run(client, "/generate_t2v", prompt="a red fox in the snow", num_frames=5,
+                                      height=48, width=80, steps=12, seed=drawn_seed)
+    assert reused_seed == drawn_seed and np.array_equal(frames_of(reused), frames_of(drawn))
+    assert not np.array_equal(frames_of(drawn), frames)
+
+
+def test_image_to_video_tab(page_url, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(image)
+    client = Client(page_url, verbose=False)
+    (video, seed, status), _ = run(client, "/generate_i2v", prompt="the square moves", image=handle_file(str(image)),
+                                   num_frames=9, height=64, width=96, steps=2, seed="3")
+    assert "Done" in status, status
+    assert frames_of(video).shape == (9, 64, 96, 3) and seed == "3"
+
+
+def test_errors_name_the_field(page_url):
+    client = Client(page_url, verbose=False)
+    video, seed, status = client.predict(prompt="a fox", height=50, api_name="/generate_t2v")
+    assert video is None and "Not started" in status and "height: must be a multiple of 16" in status, status
+    _, _, status = client.predict(prompt="   ", api_name="/generate_t2v")
+    assert "prompt must be a non-empty string" in status, status
+    _, _, status = client.predict(prompt="a fox", seed="seven", api_name="/generate_t2v")
+    assert "seed must be a whole number" in status, status
+
+
+def test_cancel_stops_the_run(page_url):
+    client = Client(page_url, verbose=False)
+    job = client.submit(prompt="a long one", steps=1000, num_frames=1, height=16, width=16, seed="1",
+                        api_name="/generate_t2v")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until denoising has started
+        data = job.status().progress_data or []
+        if any(u.desc == "denoising" and (u.index or 0) >= 1 for u in data):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("denoising did not start")
+    t0 = time.monotonic()
+    client.predict(api_name="/cancel_t2v")  # the same browser session (client) as the run
+    video, seed, status = job.result(timeout=60)
+    assert time.monotonic() - t0 < 20
+    assert video is None and status.startswith("**Cancelled") and seed == "1", status
+
+
+# ----------------------------------------------------------------------------- server mode
+
+
+def test_server_mode_generates_lists_history_and_shows_it(remote_page):
+    url, backend = remote_page
+    assert backend.name == "tiny-wan" and "size" not in backend.accepted and "height" in backend.accepted
+    client = Client(url, verbose=False)
+    (video, seed, status), seen = run(client, "/generate_t2v", prompt="a fox over the service", num_frames=5,
+                                      height=32, width=48, steps=8, seed="11")
+    assert "Done" in status, status
+    assert seed == "11" and frames_of(video).shape == (5, 32, 48, 3)
+    assert any(u.desc in ("denoising", "queued") for u in seen), seen
+
+    rows, pick = client.predict(api_name="/history")
+    data = rows["data"] if isinstance(rows, dict) else rows
+    job_ids = [r[0] for r in data]
+    assert job_ids and job_ids[0].startswith("video_") and data[0][1] == "completed" and data[0][6] == "11"
+    shown, shown_seed, info = client.predict(job_ids[0], api_name="/history_show")
+    assert shown_seed == "11" and frames_of(shown).shape == (5, 32, 48, 3), info
+
+
+def test_server_mode_errors_and_cancel(remote_page, service):
+    url, backend = remote_page
+    client = Client(url, verbose=False)
+    _, _, status = client.predict(prompt="a fox", height=40, width=48, api_name="/generate_t2v")
+    assert "Not started" in status and "size: must be a multiple of 16" in status, status
+
+    job = client.submit(prompt="a long remote one", steps=1000, num_frames=1, height=16, width=16, seed="5",
+                        api_name="/generate_t2v")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(u.progress and u.progress > 0 for u in job.status().progress_data or []):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the remote job made no progress")
+    client.predict(api_name="/cancel_t2v")
+    video, _, status = job.result(timeout=60)
+    assert video is None and status.startswith("**Cancelled"), status
+    listed = backend.recent()
+    assert all(v["prompt"] != "a long remote one" for v in listed)  # DELETE cancelled and removed it
+
+
+def test_server_mode_needs_the_api_key(service, capsys):
+    from lightx2v.web.backends import RemoteBackend, ServiceError
+    from lightx2v.web.ui import main
+
+    with pytest.raises(ServiceError, match="API key"):
+        RemoteBackend(service, api_key="not-the-key-0123456789")
+    assert main(["--server", service]) == 2
+    assert "give the service's API key" in capsys.readouterr().err
+    assert main(["--server", service, "--api-key", API_KEY, "--device", "cpu"]) == 2
+    assert "engine options (device) are `lightx2v serve`'s flags" in capsys.readouterr().err
