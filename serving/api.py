@@ -260,7 +260,13 @@ def build_request(fields: dict[str, Any], spec: ModelSpec, served_names: tuple[s
     if "input_reference" in fields:
         values["image"] = decode_image(_image_from_reference(fields["input_reference"]), max_image_pixels)
 
-    # 5. The one request type: generic rules (422), then the model's rules (400).
+    # 5. LoRAs by name only (in the service's lora_dir): a request never names a file of the host.
+    for i, lora in enumerate(values.get("lora") or ()):
+        if (lora.get("path") if isinstance(lora, dict) else getattr(lora, "path", None)) is not None:
+            raise ApiError(400, f"lora[{i}].path: not accepted by the service; name a LoRA of its LoRA "
+                                'folder instead ({"name": ..., "strength": ...})', param="lora")
+
+    # 6. The one request type: generic rules (422), then the model's rules (400).
     try:
         request = GenerationRequest(**values)
     except ValidationError as err:
@@ -273,7 +279,7 @@ def build_request(fields: dict[str, Any], spec: ModelSpec, served_names: tuple[s
     except RequestError as err:
         field = _api_field(err.field, fields)
         raise ApiError(400, f"{field}: {err.message}", param=field) from None
-    # 6. The image at the size the model can use.
+    # 7. The image at the size the model can use.
     return fit_image(resolved)
 
 
