@@ -13,7 +13,7 @@ TeaCache and MagCache do; what runs around the blocks (embeddings, output head) 
 State is per request (a `FeatureCache` lives for one request; nothing is kept on the model) and
 per (expert, guidance branch). The branch of a forward is its order within the step: the guided
 predictors run the conditional branch first, then the unconditional one (engine/guidance.py); a
-batch-2 forward (cfg_batch) or a CFG-parallel rank (one branch per rank) is one branch with its
+batch-2 forward of both branches or a CFG-parallel rank (one branch per rank) is one branch with its
 own residual. Both methods decide from values every branch shares (the step index; the timestep
 modulation), so the branches of a step take the same decision.
 

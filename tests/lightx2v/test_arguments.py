@@ -93,7 +93,8 @@ def test_cli_flags_reach_the_facade(tiny_wan_dir, monkeypatch, tmp_path):
     model, device, dtype, options = seen["from_pretrained"]
     assert (model, device, dtype) == ("tiny-wan", "cpu", "float32")  # dtype from the device
     assert options == dict(attention="sdpa", quantization="int8", offload="block", vae_tiling=True,
-                           compile=True, cfg_batch=True, interpolator=None, parallel=ParallelConfig(cfg=2, ulysses=1))
+                           compile=True, cfg_batch=True, interpolator=None, lora_path=(), lora_strength=(),
+                           lora_expert=(), lora_dir=None, lora_cache=4, parallel=ParallelConfig(cfg=2, ulysses=1))
     assert seen["generate"].pop("progress") is not None
     assert seen["generate"] == dict(prompt="a fox", negative_prompt="blur", video_length=5,
                                     resolution=(32, 48), steps=3, guidance_scale=4.5, shift=3.0,
