@@ -96,11 +96,11 @@ class Page:
         video = self.backend.spec.modality == "video"
         with gr.Row():
             with gr.Column(scale=1):
-                inputs = [self._widget(f, task) for f in form]
+                inputs = self._inputs(form, task)
+            with gr.Column(scale=1):
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id=f"{task}-cancel")
-            with gr.Column(scale=1):
                 if video:
                     result = gr.Video(label="Result", elem_id=f"{task}-result", autoplay=True, loop=True,
                                       interactive=False)
@@ -119,6 +119,30 @@ class Page:
         if seed_input is not None:
             reuse.click(lambda s: s, inputs=seed_used, outputs=seed_input, api_name=False)
         return event
+
+    def _inputs(self, form: list[FormField], task: str) -> list:
+        """The form's widgets in field order: prompts and images full width, the other inputs two
+        to a row."""
+        import gradio as gr
+
+        widgets: dict[str, Any] = {}
+        pending: list[FormField] = []
+
+        def flush() -> None:
+            for i in range(0, len(pending), 2):
+                with gr.Row(equal_height=True):
+                    for f in pending[i:i + 2]:
+                        widgets[f.name] = self._widget(f, task)
+            pending.clear()
+
+        for f in form:
+            if f.kind in ("image", "images") or (f.kind == "text" and f.multiline):
+                flush()
+                widgets[f.name] = self._widget(f, task)
+            else:
+                pending.append(f)
+        flush()
+        return [widgets[f.name] for f in form]
 
     @staticmethod
     def _widget(f: FormField, task: str):
