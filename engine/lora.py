@@ -392,7 +392,15 @@ def merge_lora(dit: nn.Module, lora: LoRA, strength: float = 1.0) -> int:
         changed += 1
     for linear, adapters in beside.values():
         linear.register_forward_hook(adapters)
+    _weights_changed(dit)
     return changed
+
+
+def _weights_changed(dit: nn.Module) -> None:
+    """Tell the DiT's offloader (engine.offload) that stored weights changed in place."""
+    notify = getattr(getattr(dit, "offloader", None), "weights_changed", None)
+    if notify is not None:
+        notify()
 
 
 class _Adapters:
@@ -422,9 +430,10 @@ class _Adapters:
 
 @contextlib.contextmanager
 def apply_loras(dit: nn.Module, loras: Iterable[tuple[LoRA, float]]) -> Iterator[None]:
-    """Apply (LoRA, strength) pairs beside the linears of `dit` for the duration (forward hooks;
-    parameter deltas added to a saved copy's place and restored after). The LoRAs' tensors must
-    already be on the DiT's device and in its compute dtype (`LoRA.to`)."""
+    """Apply (LoRA, strength) pairs beside the linears of `dit` for the duration (forward hooks);
+    parameter deltas (norms, modulation) are written into the weights where they are stored and
+    the saved originals copied back after (an offloader is told: engine.offload). The LoRAs'
+    tensors must already be on the DiT's device and in its compute dtype (`LoRA.to`)."""
     hooks: dict[int, tuple[nn.Module, _Adapters]] = {}
     saved: dict[str, Tensor] = {}
     handles = []
@@ -444,6 +453,8 @@ def apply_loras(dit: nn.Module, loras: Iterable[tuple[LoRA, float]]) -> Iterator
                     p.copy_((p.float() + strength * delta.float().to(p.device)).to(p.dtype))
             for linear, adapters in hooks.values():
                 handles.append(linear.register_forward_hook(adapters))
+        if saved:
+            _weights_changed(dit)
         yield
     finally:
         for h in handles:
@@ -451,6 +462,8 @@ def apply_loras(dit: nn.Module, loras: Iterable[tuple[LoRA, float]]) -> Iterator
         with torch.no_grad():
             for name, original in saved.items():
                 dit.get_parameter(name).data.copy_(original)
+        if saved:
+            _weights_changed(dit)
 
 
 # ---------------------------------------------------------------------------------------------

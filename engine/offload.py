@@ -469,6 +469,12 @@ class BlockOffload:
         """Nothing to hold: blocks stream in each call."""
         return contextlib.nullcontext()
 
+    def weights_changed(self) -> None:
+        """The stored weights were changed in place (engine.lora's parameter deltas): forget the
+        slots' copies, so each block is copied again on its next use."""
+        for slot in self.slots:
+            slot.holds = None
+
     def compute_bytes(self) -> int:
         """Block weight bytes held on the compute device: the two slots."""
         return 2 * self.block_bytes

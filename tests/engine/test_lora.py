@@ -310,3 +310,28 @@ def test_facade_load_time_and_per_request_never_leaks(tmp_path):
     merged = LightX2V.from_pretrained("tiny-wan", device="cpu", dtype="float32", lora_path=path,
                                       lora_strength=0.8)
     assert rel_err(merged.generate(**ask), with_lora) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["block", "model"])
+def test_offloaded_dit_takes_loras(mode):
+    """offload="block" / "model" (on the CPU here: storage and compute both CPU): the per-request
+    LoRA (hooks, parameter diffs written to the stored weights and restored) and the load-time
+    merge (into the stored weights) give the non-offloaded results."""
+    from engine.offload import BlockOffload, ModelOffload, SyncStreams
+
+    _, ours = make_models()
+    sd = {**official_lora(), "diffusion_model.blocks.1.diff_m": torch.randn(1, 6, D) * 0.5}
+    lora = read_lora(sd, ours, KEYS)
+    with apply_loras(ours, [(lora, 0.7)]):
+        expected = forward(ours)
+    base = forward(ours)
+    offloaded = copy.deepcopy(ours)
+    if mode == "block":
+        BlockOffload(offloaded, compute=torch.device("cpu"), storage=torch.device("cpu"), streams=SyncStreams())
+    else:
+        ModelOffload(offloaded, compute=torch.device("cpu"), storage=torch.device("cpu"))
+    with apply_loras(offloaded, [(lora, 0.7)]):
+        assert rel_err(forward(offloaded), expected) < 1e-5
+    assert torch.equal(forward(offloaded), base)
+    merge_lora(offloaded, lora, 0.7)
+    assert rel_err(forward(offloaded), expected) < 1e-5
