@@ -19,11 +19,14 @@ class ImageCond:
     clip_tokens: torch.Tensor | None
     """(L_img, D_img) image-encoder tokens for the DiT's cross-attention (Wan2.1 I2V: CLIP
     ViT-H/14's 257 x 1280); None for models without an image encoder."""
-    latent_cond: torch.Tensor
+    latent_cond: torch.Tensor | None
     """(C_cond, F_c, H_lat, W_lat) latent conditioning. Wan2.1 / A14B I2V: 4 frame-mask channels
     then the VAE latents of the image padded with zero frames (F_c = F_lat, concatenated to the
     noise on the channel axis); Wan2.2 TI2V: the image's latents alone (F_c = 1, replacing latent
-    frame 0)."""
+    frame 0). None for models conditioned by `reference_latents` only."""
+    reference_latents: tuple[torch.Tensor, ...] = ()
+    """Qwen-Image-Edit: each input image's VAE latents (C, 1, h_i, w_i), at its own size (not the
+    output's), appended to the DiT's token sequence by the model's adapter."""
 
 
 def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 
 class TextEncoder(Protocol):
+    """`reads_images` (optional attribute, default False): the encoder also takes the request's
+    input images, `encode(prompts, images=[...])` (a vision-language encoder: Qwen-Image-Edit)."""
+
     def encode(self, prompts: list[str]) -> "Tensor | list":
         """Each prompt's text conditioning: a (B, L, D) tensor (Wan: umT5 states zero-padded after
         each prompt's valid tokens), or a list of the family's own per-prompt objects (several
@@ -121,7 +124,9 @@ class ModelFamily(Protocol):
 # family name -> "module:attribute" of a ModelFamily instance; importing the module registers the
 # family's entries in engine.registry
 _BUILTIN: dict[str, str] = {
+    "hunyuanvideo-1.5": "engine.models.hunyuan_video15.family:HUNYUAN_VIDEO15",
     "wan": "engine.models.wan.family:WAN",
+    "qwen_image": "engine.models.qwen_image.family:QWEN_IMAGE",
 }
 _FAMILIES: dict[str, ModelFamily] = {}
 

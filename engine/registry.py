@@ -15,9 +15,11 @@ from engine.samplers.schedule import DynamicShift
 
 Task = Literal["t2v", "i2v", "t2i", "edit"]
 Modality = Literal["video", "image"]
-Guidance = Literal["cfg", "none"]
+Guidance = Literal["cfg", "cfg_renorm", "none"]
 """How a model is guided: "cfg" = classifier-free guidance (off per request when guidance_scale
-<= 1); "none" = never (guidance-distilled models: one forward per step)."""
+<= 1); "cfg_renorm" = the same, then each latent token's guided velocity rescaled to the norm of
+its conditional one (Qwen-Image's true CFG: engine.guidance.combine_renorm); "none" = never
+(guidance-distilled models: one forward per step)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class SamplingDefaults:
     """Stretch the shifted sigmas so the last equals this (engine.samplers), or None."""
     spacing: str = "scheduler"
     """The unshifted sigmas the model's pipeline uses (engine.samplers.SPACINGS)."""
+    image_size: Callable[[int, int], tuple[int, int]] | None = field(default=None, compare=False)
+    """Image models taking input images: (width, height) of the last input image -> (height,
+    width) of the output when the request gives no size (Qwen-Image-Edit: that image's aspect
+    ratio at one megapixel). None: the defaults' size."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,8 @@ class ModelSpec:
     boundary_ratio: float | None = None
     """Two experts: the first serves timesteps >= boundary_ratio * 1000, the second the rest."""
     guidance: Guidance = "cfg"
+    max_images: int = 1
+    """Most input images a request may give (image-conditioned tasks; Qwen-Image-Edit-2509/2511: 3)."""
     max_prompt_chars: int = 8192
     """Longest prompt accepted (characters)."""
     text_len: int = 512

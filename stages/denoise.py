@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from engine.denoise import CancelFn, ProgressFn, make_phases, run_phases
-from engine.guidance import GuidedPredictor
+from engine.guidance import GuidedPredictor, combiner
 from engine.parallel import guided_predictors
 from stages.base import Cancelled, Stage, StageError, expect_finite, expect_shape
 from stages.payloads import ImageCond, Latents, TextEmbeds
@@ -80,7 +80,8 @@ class DenoiseStage(Stage):
         self.adapter = adapter
         self.spec = spec
         self.options = options
-        self.predictors = dict(predictors) if predictors is not None else guided_predictors(self.dits, options)
+        self.predictors = dict(predictors) if predictors is not None else guided_predictors(
+            self.dits, options, combine_fn=combiner(spec.guidance, spec.latent.patch))
         self.loras = LoRABank(lora_keys(spec), options.torch_device, options.torch_dtype,
                               capacity=options.lora_cache, lora_dir=options.lora_dir)
         self.cache_group = cache_group

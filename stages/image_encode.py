@@ -56,15 +56,25 @@ class ImageEncodeStage(Stage):
     def forward(self, request: ResolvedRequest) -> ImageCond:
         if request.image is None:
             raise ValueError("image_encode: the request has no image (text-only requests need no image stage)")
+        # several input images (models with max_images > 1) go to the adapter as a list
+        image = list(request.images) if len(request.images) > 1 else request.image
         return self.adapter.image_condition(
-            request.image, request.num_frames, request.height, request.width, self.vae, self.image_encoder,
+            image, request.num_frames, request.height, request.width, self.vae, self.image_encoder,
             self.options.torch_device, self.options.torch_dtype)
 
     def check_output(self, request: ResolvedRequest, out: ImageCond) -> None:
         _, _, h_lat, w_lat = request.latent_shape
-        if out.latent_cond.dim() != 4 or tuple(out.latent_cond.shape[2:]) != (h_lat, w_lat):
-            raise StageError(f"image_encode: latent_cond has shape {tuple(out.latent_cond.shape)}, expected "
-                             f"(C, F, {h_lat}, {w_lat})")
-        expect_finite(self.name, "latent_cond", out.latent_cond)
+        if out.latent_cond is None and not out.reference_latents:
+            raise StageError("image_encode: the conditioning has neither latent_cond nor reference_latents")
+        if out.latent_cond is not None:
+            if out.latent_cond.dim() != 4 or tuple(out.latent_cond.shape[2:]) != (h_lat, w_lat):
+                raise StageError(f"image_encode: latent_cond has shape {tuple(out.latent_cond.shape)}, expected "
+                                 f"(C, F, {h_lat}, {w_lat})")
+            expect_finite(self.name, "latent_cond", out.latent_cond)
+        for i, ref in enumerate(out.reference_latents):
+            if ref.dim() != 4 or ref.device.type != "cpu":
+                raise StageError(f"image_encode: reference_latents[{i}] is {tuple(ref.shape)} on {ref.device}, "
+                                 "expected (C, 1, h, w) on the CPU")
+            expect_finite(self.name, f"reference_latents[{i}]", ref)
         if out.clip_tokens is not None and out.clip_tokens.dim() != 2:
             raise StageError(f"image_encode: clip_tokens has shape {tuple(out.clip_tokens.shape)}, expected (L, D)")

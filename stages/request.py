@@ -233,7 +233,11 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = None
     """What to steer away from (the unconditional branch of guidance); None = the model's default."""
     image: Any = None
-    """Image-to-video input: PIL image, encoded bytes, base64 string or array (see module doc)."""
+    """Input image (image-to-video, image edit): PIL image, encoded bytes, base64 string or array
+    (see module doc)."""
+    images: list | None = None
+    """Several input images, each as `image`, for models that take more than one (the model's
+    max_images, e.g. 3 for Qwen-Image-Edit-2509 / 2511); give `image` or `images`, not both."""
     num_frames: int | None = None
     """Frames of the video (>= 1); video models only. The model generates temporal_stride*k+1
     frames (4k+1 for Wan, e.g. 81): any other count is generated at the next such count and cut
@@ -288,6 +292,21 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _image(cls, v: Any) -> Image.Image | None:
         return None if v is None else to_pil_image(v)
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _images(cls, v: Any) -> list[Image.Image] | None:
+        if v is None:
+            return None
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError("images must be a non-empty list of images (or leave it unset and give image)")
+        return [to_pil_image(item) for item in v]
+
+    @model_validator(mode="after")
+    def _image_or_images(self) -> "GenerationRequest":
+        if self.image is not None and self.images is not None:
+            raise ValueError("images: give either image (one) or images (several), not both")
+        return self
 
     @field_validator("num_frames")
     @classmethod
@@ -389,14 +408,21 @@ class GenerationRequest(BaseModel):
             for name in ("num_frames", "fps", "target_fps"):
                 if getattr(self, name) is not None:
                     raise RequestError(name, f"is not accepted: {spec.name} makes images (leave {name} unset)")
+        # Input images: at most the model's max_images.
+        images = tuple(self.images) if self.images is not None else \
+            ((self.image,) if self.image is not None else ())
+        if len(images) > spec.max_images:
+            raise RequestError("images", f"at most {spec.max_images} input image(s) for {spec.name}, got {len(images)}")
         # Any count >= 1: the next temporal_stride*k+1 is generated, the decode keeps the asked ones.
         kept_frames = (d.num_frames if self.num_frames is None else self.num_frames) if video else 1
         num_frames = valid_frame_count(spec, kept_frames)
         if num_frames != kept_frames:
             _warn_frames_once(spec, kept_frames, num_frames)
         # Image-to-video without a size: the image's aspect ratio at the model's default area.
-        if video and self.image is not None and self.height is None and self.width is None:
-            height, width = image_video_size(spec, self.image)
+        if video and images and self.height is None and self.width is None:
+            height, width = image_video_size(spec, images[0])
+        elif images and d.image_size is not None and self.height is None and self.width is None:
+            height, width = d.image_size(images[-1].width, images[-1].height)  # e.g. Qwen-Image-Edit: 1 MP
         else:
             height = d.height if self.height is None else self.height
             width = d.width if self.width is None else self.width
@@ -408,9 +434,9 @@ class GenerationRequest(BaseModel):
         # 3. Task: image required / refused.
         image_task, text_task = ("i2v", "t2v") if video else ("edit", "t2i")
         does = " and ".join(TASK_NAMES[t] for t in sorted(spec.tasks))
-        if self.image is None and text_task not in spec.tasks:
+        if not images and text_task not in spec.tasks:
             raise RequestError("image", f"is required: {spec.name} is an {does} model")
-        if self.image is not None and image_task not in spec.tasks:
+        if images and image_task not in spec.tasks:
             raise RequestError("image", f"is not accepted: {spec.name} is a {does} model (leave image unset)")
         # 4. Initial noise shape.
         shape = latent_shape(spec, num_frames, height, width)
@@ -476,7 +502,8 @@ class GenerationRequest(BaseModel):
             model=spec.name,
             prompt=self.prompt,
             negative_prompt=negative,
-            image=self.image,
+            image=images[0] if images else None,
+            images=images,
             num_frames=num_frames,
             kept_frames=kept_frames,
             height=height,
@@ -511,6 +538,9 @@ class ResolvedRequest(BaseModel):
     prompt: str
     negative_prompt: str
     image: Image.Image | None
+    """The (first) input image, or None."""
+    images: tuple[Image.Image, ...] = ()
+    """Every input image (`image` first); defaults to (image,)."""
     num_frames: int
     """Frames generated: temporal_stride*k+1 (the latents hold them); 1 for image models."""
     kept_frames: int
@@ -549,6 +579,8 @@ class ResolvedRequest(BaseModel):
     def _kept_frames_default(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("kept_frames") is None and "num_frames" in data:
             data = {**data, "kept_frames": data["num_frames"]}
+        if isinstance(data, dict) and not data.get("images") and data.get("image") is not None:
+            data = {**data, "images": (data["image"],)}
         return data
 
     @model_validator(mode="after")

@@ -34,7 +34,10 @@ class TextEncodeStage(Stage):
     def forward(self, request: ResolvedRequest) -> TextEmbeds:
         # 1. One batch: the prompt, then the negative prompt if guidance runs.
         prompts = [request.prompt] + ([request.negative_prompt] if request.do_cfg else [])
-        embeds = self.encoder.encode(prompts)  # (B, L, D), or one family object per prompt
+        if getattr(self.encoder, "reads_images", False):  # e.g. Qwen-Image-Edit: a vision-language encoder
+            embeds = self.encoder.encode(prompts, images=list(request.images))
+        else:
+            embeds = self.encoder.encode(prompts)  # (B, L, D), or one family object per prompt
         # 2. Split into the payload: CPU copies, each owning only its own storage.
         if isinstance(embeds, torch.Tensor):
             items = [e.to("cpu").clone() for e in embeds]                         # (L, D) each

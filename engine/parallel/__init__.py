@@ -14,7 +14,7 @@ from typing import Mapping
 from torch import nn
 
 from engine.dit import num_heads
-from engine.guidance import CFGPredictor, GuidedPredictor
+from engine.guidance import CFGPredictor, CombineFn, GuidedPredictor, combine
 from engine.options import EngineOptions
 from engine.parallel.cfg import CFGParallelPredictor
 from engine.parallel.mesh import ParallelMesh, SubGroup, init_mesh, single_mesh
@@ -30,15 +30,19 @@ def check_parallel_config(model: nn.Module, ulysses: int) -> None:
 
 
 def guided_predictors(dits: Mapping[str, nn.Module], options: EngineOptions,
-                      mesh: ParallelMesh | None = None) -> dict[str, GuidedPredictor]:
+                      mesh: ParallelMesh | None = None, combine_fn: CombineFn = combine
+                      ) -> dict[str, GuidedPredictor]:
     """The guided predictor of every expert's DiT (`apply_parallel` on `mesh`, each expert its
     own state and predictor; no mesh = world size 1), batching the guidance branches as the
-    options say (`EngineOptions.cfg_batch`)."""
+    options say (`EngineOptions.cfg_batch`) and combining them with `combine_fn` (the model's
+    guidance mode: `engine.guidance.combiner(spec.guidance, spec.latent.patch)`)."""
     mesh = mesh if mesh is not None else single_mesh()
-    return {name: apply_parallel(dit, mesh, batched=options.cfg_batch) for name, dit in dits.items()}
+    return {name: apply_parallel(dit, mesh, batched=options.cfg_batch, combine_fn=combine_fn)
+            for name, dit in dits.items()}
 
 
-def apply_parallel(model: nn.Module, mesh: ParallelMesh, batched: bool = False) -> GuidedPredictor:
+def apply_parallel(model: nn.Module, mesh: ParallelMesh, batched: bool = False,
+                   combine_fn: CombineFn = combine) -> GuidedPredictor:
     """Make `model` run on `mesh` and return the guided predictor the denoise loop should call.
 
     World size 1: the model is untouched and the plain `CFGPredictor` is returned (`batched`:
@@ -50,10 +54,10 @@ def apply_parallel(model: nn.Module, mesh: ParallelMesh, batched: bool = False) 
     predictor on the same mesh).
     """
     if mesh.is_single:
-        return CFGPredictor(model, batched)
+        return CFGPredictor(model, batched, combine_fn)
     heads = num_heads(model)
     check_heads(heads, mesh.config.ulysses, "parallel.ulysses")
     state = UlyssesState()
     apply_ulysses(model, state)
     guidance_off_group = mesh.world if heads % mesh.world_size == 0 else mesh.ulysses
-    return CFGParallelPredictor(model, mesh, state, guidance_off_group, batched)
+    return CFGParallelPredictor(model, mesh, state, guidance_off_group, batched, combine_fn)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.guidance import CFGPredictor, combine
+from engine.guidance import CFGPredictor, CombineFn, combine
 from engine.parallel.mesh import ParallelMesh, SubGroup
 from engine.parallel.ulysses import UlyssesState
 
@@ -29,12 +29,13 @@ class CFGParallelPredictor:
     """Same call signature as `CFGPredictor`; see the module docstring for who computes what."""
 
     def __init__(self, transformer: nn.Module, mesh: ParallelMesh, state: UlyssesState,
-                 guidance_off_group: SubGroup, batched: bool = False) -> None:
+                 guidance_off_group: SubGroup, batched: bool = False, combine_fn: CombineFn = combine) -> None:
         self.transformer = transformer
         self.mesh = mesh
         self.state = state
         self.guidance_off_group = guidance_off_group
-        self._both = CFGPredictor(transformer, batched)
+        self.combine = combine_fn
+        self._both = CFGPredictor(transformer, batched, combine_fn)
 
     @property
     def guidance_off_degree(self) -> int:
@@ -65,4 +66,4 @@ class CFGParallelPredictor:
         both = [torch.empty_like(mine) for _ in range(self.mesh.cfg.size)]
         dist.all_gather(both, mine.contiguous(), group=self.mesh.cfg.group)
         cond, uncond = both
-        return combine(cond, uncond, guidance_scale)
+        return self.combine(cond, uncond, guidance_scale)
