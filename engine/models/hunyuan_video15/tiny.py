@@ -199,7 +199,8 @@ def _hf_models(qwen_vocab: int, byt5_vocab: int):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(vocab_size=qwen_vocab, **TINY_QWEN)).eval()
+        qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(vocab_size=qwen_vocab, bos_token_id=None, eos_token_id=None,
+                                                        pad_token_id=None, **TINY_QWEN)).eval()
         byt5 = T5EncoderModel(T5Config(vocab_size=byt5_vocab, **TINY_BYT5)).eval()
         siglip = SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).eval()
     return randomize_(qwen, SEED + 3), randomize_(byt5, SEED + 4), randomize_(siglip, SEED + 5)
