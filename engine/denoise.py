@@ -85,6 +85,7 @@ def run_phases(phases: tuple[Phase, ...], predictors: Mapping[str, "GuidedPredic
     step i's guided prediction (a request's feature cache: engine/cache.py)."""
     timesteps = sampler.timesteps.to(latents.device, torch.float32)  # (steps,), one copy to the device
     steps = timesteps.shape[0]
+    wants_next = getattr(adapter, "uses_next_timestep", False)  # MeanFlow: also the next step's timestep
     current: Phase | None = None
     with contextlib.ExitStack() as stack:
         for i in range(steps):
@@ -101,7 +102,8 @@ def run_phases(phases: tuple[Phase, ...], predictors: Mapping[str, "GuidedPredic
             dit = dits[phase.expert]
             if on_step is not None:
                 on_step(i)
-            x, timestep, image_tokens = adapter.model_input(latents, t, image, dit, dtype)
+            extra = {"t_next": timesteps[i + 1] if i + 1 < steps else torch.zeros_like(t)} if wants_next else {}
+            x, timestep, image_tokens = adapter.model_input(latents, t, image, dit, dtype, **extra)
             velocity = predictors[phase.expert](x, timestep, context, negative, phase.guidance_scale, image_tokens)
             latents = sampler.step(velocity, i, latents).to(torch.float32)
             if progress is not None:

@@ -89,6 +89,9 @@ def pixels(image: Image.Image) -> Tensor:
 class HunyuanVideo15Adapter:
     """engine.families.DiTAdapter of HunyuanVideo-1.5 (see the module docstring). Stateless."""
 
+    uses_next_timestep = True
+    """The denoise loop passes `model_input(..., t_next=)` (a MeanFlow DiT takes it as t_r)."""
+
     def image_condition(self, image: Image.Image, num_frames: int, height: int, width: int, vae,
                         image_encoder, device: torch.device, dtype: torch.dtype) -> ImageCond:
         # 1. the crop both encoders see

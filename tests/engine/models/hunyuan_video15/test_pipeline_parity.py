@@ -144,3 +144,31 @@ class TestHunyuanVideo15(FamilyParityMixin):
         wrong = TextEncodeStage.from_checkpoint(resolve_checkpoint(ckpt_dir), CPU)
         pipe = LocalPipeline(ours.spec, wrong, ours.denoise, ours.decode, ours.image)
         assert rel_err(our_latents(pipe, **kw), want) > self.margin * self.tol, "hidden_states[-2]"
+
+
+# --------------------------------------------------------------------------- step-distilled (MeanFlow)
+
+
+def test_step_distilled_image_to_video_matches_diffusers(tmp_path, monkeypatch):
+    """A MeanFlow DiT (the 480p I2V step-distilled release's kind) with the checkpoint's guider at 1
+    (no negative branch): each step also embeds the next step's timestep t_r (0 after the last),
+    as diffusers' image-to-video pipeline; t_r left at 0 must fail."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    from engine.checkpoint import resolve_checkpoint
+    from engine.models.hunyuan_video15.adapter import HunyuanVideo15Adapter
+
+    ckpt_dir = tiny.write_tiny(str(tmp_path / "meanflow"), qk_gain=3.0, dit={"use_meanflow": True},
+                               scheduler={"shift": SHIFT}, guider={"guidance_scale": 1.0})
+    ckpt = resolve_checkpoint(ckpt_dir)
+    assert ckpt.spec.guidance == "none" and ckpt.spec.defaults.guidance_scale == 1.0
+    assert ckpt.spec.tasks == frozenset({"i2v"})
+    ours = LocalPipeline.from_checkpoint(ckpt, CPU)
+    ref = HunyuanVideo15ImageToVideoPipeline.from_pretrained(ckpt_dir)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPT, num_frames=5, steps=3, image=image())
+    want = TestHunyuanVideo15.call(None, ref, negative_prompt=None, **kw)
+    got = our_latents(ours, **kw)
+    assert want.abs().mean() > 0.1 and rel_err(got, want) < 1e-3
+    monkeypatch.setattr(HunyuanVideo15Adapter, "uses_next_timestep", False)
+    assert rel_err(our_latents(ours, **kw), want) > 1e-2
