@@ -13,7 +13,9 @@ import os
 import tempfile
 from typing import Any, get_args
 
+import numpy as np
 import torch
+from PIL import Image
 
 from engine.options import EngineOptions, Offload, ParallelConfig
 from lightx2v.arguments import (build_request, describe, facade_option_arguments, parameters,
@@ -155,24 +157,35 @@ class LightX2V:
 
     def generate(self, *args: Any, progress: ProgressFn | None = None,
                  should_cancel: CancelFn | None = None, **kwargs: Any):
-        """Generate one video.
+        """Generate one video (video models) or image (image models).
 
         The parameters are the request's fields (GenerationRequest; the signature and the list
         below), None meaning the model's default, and `output_path`. Returns, by output_type:
-        "mp4" -> the written file's path (output_path, or a new temp file); "np" -> float32
-        (frames, H, W, 3) in [0, 1]; "latent" -> the final latents (C, F_lat, H_lat, W_lat).
+        "mp4" / "png" (the defaults of video / image models) -> the written file's path
+        (output_path, or a new temp file); "np" -> float32 in [0, 1], (frames, H, W, 3) for a
+        video, (H, W, 3) for an image; "pil" (image models) -> a PIL image; "latent" -> the final
+        latents (C, F_lat, H_lat, W_lat).
         `progress(step, total)` is called after each denoising step; `should_cancel()` is
         polled between steps. The request's arguments:
         """
         values = dict(_GENERATE.bind(*args, **kwargs).arguments)
         output_path = values.pop("output_path", None)
+        pil = values.get("output_type") == "pil"  # the pixels ("np"), as a PIL image here
+        if pil:
+            if self.spec.modality != "image":
+                raise ValueError(f"output_type 'pil' is for image models; {self.spec.name} makes videos "
+                                 "(use 'mp4', 'np' or 'latent')")
+            values["output_type"] = "np"
         result = self.pipeline.run(build_request(**values), progress=progress, should_cancel=should_cancel)
         self.last_result = result
         output_type = result.request.output_type
         if output_type == "latent":
             return result.output.latents
         if output_type == "np":
-            return result.output.frames
+            if result.request.modality != "image":
+                return result.output.frames
+            pixels = result.output.frames[0]                                   # (H, W, 3)
+            return Image.fromarray((pixels * 255).round().astype(np.uint8)) if pil else pixels
         path = os.fspath(output_path) if output_path is not None else _temp_file("." + output_type)
         with open(path, "wb") as f:
             f.write(result.output.data)

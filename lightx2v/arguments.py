@@ -129,6 +129,7 @@ ARGUMENTS: dict[str, Override] = {
                        help="output size: resolution=(height, width) in the library, "
                             "--size WIDTHxHEIGHT (e.g. 832x480) on the CLI"),
     "image": Override(opens_files=True),
+    "images": Override(opens_files=True),
     "latents": Override(flags=()),      # a tensor: the library only
     "output_type": Override(flags=()),  # the CLI writes the file named by -o
     "lora": Override(parse=parse_lora, metavar="PATH[:STRENGTH[:EXPERT]][,...]"),

@@ -113,7 +113,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "(Wan-AI/Wan2.1-T2V-14B-Diffusers), looked for in $LIGHTX2V_MODEL_ROOT and the Hugging "
                         "Face cache (default tiny-wan)")
     add_model_source_arguments(p)
-    p.add_argument("-o", "--output", required=True, help="output file path (.mp4 for a video)")
+    p.add_argument("-o", "--output", required=True, help="output file path (.mp4 for a video model, .png for "
+                                                         "an image model)")
     add_arguments(p, generate_arguments())
 
 
@@ -148,10 +149,15 @@ def generate_main(args: argparse.Namespace) -> int:
     source = {"revision": args.revision} if args.revision is not None else {}
     try:
         ckpt = resolve_checkpoint(args.model, download=args.download, **source)
-        build_request(**request).resolve(ckpt.spec)
+        resolved = build_request(**request).resolve(ckpt.spec)
         options = options_from_flat(EngineOptions, flat)
     except (ValidationError, ValueError, OSError) as e:
         print(f"error: {describe_error(e)}", file=sys.stderr)
+        return 2
+    suffix = "." + resolved.output_type
+    if not args.output.lower().endswith(suffix):
+        print(f"error: -o {args.output}: {ckpt.spec.name} writes {resolved.output_type.upper()} "
+              f"({ckpt.spec.modality} model); name the file *{suffix}", file=sys.stderr)
         return 2
 
     # 2. Load (the facade's keywords are the options' fields).
@@ -185,8 +191,10 @@ def generate_main(args: argparse.Namespace) -> int:
 
     # 4. Summary: what ran, and the time per stage.
     req = model.last_result.request
-    print(f"wrote {path}: {req.output_num_frames} frames, {req.width}x{req.height}, {req.output_fps} fps, "
-          f"seed {req.seed}, {req.steps} steps ({req.sampler}), guidance {req.guidance_scale}")
+    what = "image" if req.modality == "image" else f"{req.output_num_frames} frames"
+    fps = "" if req.modality == "image" else f", {req.output_fps} fps"
+    print(f"wrote {path}: {what}, {req.width}x{req.height}{fps}, seed {req.seed}, {req.steps} steps "
+          f"({req.sampler}), guidance {req.guidance_scale}")
     print(format_timings({"load": load_s, **model.last_result.timings}))
     return 0
 

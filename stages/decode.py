@@ -1,18 +1,22 @@
-"""Decode stages: latents -> frames (VideoFrames, output_type "np") -> MP4 (EncodedVideo).
+"""Decode stages: latents -> frames (VideoFrames, output_type "np") -> the container of the output
+type (`ENCODERS`): MP4 (EncodedVideo) for video models, PNG (EncodedImage) for image models, whose
+latents are one frame.
 
 A request's `target_fps` is applied here, after the VAE decode: a RIFE interpolator (the engine
 option `interpolator`, loaded once per decode stage) raises the frame rate; the output's fps and
 frame count follow (`ResolvedRequest.output_fps`, `.output_num_frames`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import io
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from stages.base import Stage, StageError
 from stages.image_encode import VideoVAE
-from stages.payloads import EncodedVideo, Latents, VideoFrames
+from stages.payloads import Encoded, EncodedImage, EncodedVideo, Latents, VideoFrames
 from stages.request import RequestError, ResolvedRequest
 from stages.video import encode_mp4
 
@@ -82,21 +86,50 @@ class DecodeFramesStage(Stage):
             raise StageError("decode: frames contain NaN or inf")
 
 
+def _encode_video(request: ResolvedRequest, pixels: np.ndarray) -> EncodedVideo:
+    """H.264 MP4 at the output fps."""
+    data = encode_mp4(pixels, request.output_fps)
+    return EncodedVideo(data=data, num_frames=pixels.shape[0], height=pixels.shape[1],
+                        width=pixels.shape[2], fps=request.output_fps)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _encode_image(request: ResolvedRequest, pixels: np.ndarray) -> EncodedImage:
+    """The one frame of an image model, as PNG."""
+    return EncodedImage(data=encode_png(pixels[0]), height=pixels.shape[1], width=pixels.shape[2])
+
+
+ENCODERS: dict[str, Callable[[ResolvedRequest, np.ndarray], Encoded]] = {"mp4": _encode_video, "png": _encode_image}
+"""output_type -> the encoder of the decoded uint8 frames (F, H, W, 3)."""
+
+
 class DecodeStage(DecodeFramesStage):
-    """VAE decode (and frame interpolation to target_fps), then H.264 MP4 at the output fps."""
+    """VAE decode (and frame interpolation to target_fps), then the output type's container:
+    H.264 MP4 at the output fps, or PNG (`ENCODERS`)."""
 
-    output_type = EncodedVideo
+    output_type = Encoded
 
-    def forward(self, request: ResolvedRequest, latents: Latents) -> EncodedVideo:
+    def forward(self, request: ResolvedRequest, latents: Latents) -> Encoded:
         frames = self.decode_to_unit_range(latents)[:request.kept_frames]  # (F_kept, H, W, 3): the frames asked
         frames = self.interpolate(request, frames)                         # (F', H, W, 3) on device
         # uint8 on the device (4x less to copy), rounded as frames_to_uint8.
         pixels = (frames * 255.0).round().to(torch.uint8).cpu().numpy()
-        data = encode_mp4(pixels, request.output_fps)
-        return EncodedVideo(data=data, num_frames=pixels.shape[0], height=pixels.shape[1],
-                            width=pixels.shape[2], fps=request.output_fps)
+        if request.output_type not in ENCODERS:
+            raise RequestError("output_type", f"{request.output_type!r} is not encoded by the decode stage; "
+                                              f"encoded types: {', '.join(ENCODERS)}")
+        return ENCODERS[request.output_type](request, pixels)
 
-    def check_output(self, request: ResolvedRequest, out: EncodedVideo) -> None:
+    def check_output(self, request: ResolvedRequest, out: Encoded) -> None:
+        if isinstance(out, EncodedImage):
+            if (out.height, out.width) != (request.height, request.width):
+                raise StageError(f"decode: image is {out.width}x{out.height}, expected {request.width}x{request.height}")
+            return
         got = (out.num_frames, out.height, out.width)
         expected = (request.output_num_frames, request.height, request.width)
         if got != expected:

@@ -12,7 +12,7 @@ import torch
 
 from engine.conditioning import ImageCond
 
-__all__ = ["EncodedVideo", "ImageCond", "Latents", "TextEmbeds", "VideoFrames"]
+__all__ = ["Encoded", "EncodedImage", "EncodedVideo", "ImageCond", "Latents", "TextEmbeds", "VideoFrames"]
 
 
 @dataclass
@@ -35,8 +35,16 @@ class Latents:
     """(C, F_lat, H_lat, W_lat), normalised as the DiT sees them (the VAE un-normalises)."""
 
 
+class Encoded:
+    """A finished result in its container (what the decode stage returns): `data` bytes of
+    `mime_type`. `EncodedVideo` (MP4) or `EncodedImage` (PNG)."""
+
+    data: bytes
+    mime_type: str
+
+
 @dataclass
-class EncodedVideo:
+class EncodedVideo(Encoded):
     """The finished video."""
 
     data: bytes
@@ -46,6 +54,17 @@ class EncodedVideo:
     width: int
     fps: int
     mime_type: str = "video/mp4"
+
+
+@dataclass
+class EncodedImage(Encoded):
+    """The finished image (image models)."""
+
+    data: bytes
+    """PNG bytes (8-bit RGB)."""
+    height: int
+    width: int
+    mime_type: str = "image/png"
 
 
 @dataclass

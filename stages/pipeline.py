@@ -15,7 +15,7 @@ from stages.base import Cancelled, Timings
 from stages.decode import DecodeFramesStage, DecodeStage
 from stages.denoise import CancelFn, DenoiseStage, ProgressFn
 from stages.image_encode import ImageEncodeStage
-from stages.payloads import EncodedVideo, Latents, VideoFrames
+from stages.payloads import EncodedImage, EncodedVideo, Latents, VideoFrames
 from stages.plan import plan_for
 from stages.request import GenerationRequest, ResolvedRequest
 from stages.text_encode import TextEncodeStage
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from engine.options import EngineOptions
     from engine.registry import ModelSpec
 
-Output = Union[EncodedVideo, VideoFrames, Latents]
+Output = Union[EncodedVideo, EncodedImage, VideoFrames, Latents]
 
 
 @dataclass
@@ -35,7 +35,8 @@ class GenerationResult:
     request: ResolvedRequest
     """What ran, with every default filled in (the seed used included)."""
     output: Output
-    """EncodedVideo (output_type "mp4"), VideoFrames ("np") or Latents ("latent")."""
+    """EncodedVideo (output_type "mp4"), EncodedImage ("png"), VideoFrames ("np": one frame for
+    image models) or Latents ("latent")."""
     timings: Timings = field(default_factory=dict)
     """Seconds per stage, in run order."""
 

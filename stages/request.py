@@ -235,7 +235,7 @@ class GenerationRequest(BaseModel):
     image: Any = None
     """Input image (image-to-video, image edit): PIL image, encoded bytes, base64 string or array
     (see module doc)."""
-    images: list | None = None
+    images: list[Any] | None = None
     """Several input images, each as `image`, for models that take more than one (the model's
     max_images, e.g. 3 for Qwen-Image-Edit-2509 / 2511); give `image` or `images`, not both."""
     num_frames: int | None = None
@@ -453,6 +453,10 @@ class GenerationRequest(BaseModel):
         if d.timesteps is not None and steps != len(d.timesteps):
             raise RequestError("steps", f"must be {len(d.timesteps)} for {spec.name} (a step-distilled "
                                         f"model sampled at timesteps {list(d.timesteps)}), got {steps}")
+        if d.shift_terminal is not None and d.timesteps is None and steps < 2:
+            raise RequestError("steps", f"must be at least 2 for {spec.name}: its schedule stretches the last "
+                                        f"noise level to {d.shift_terminal}, which one step from 1 cannot do "
+                                        f"(diffusers' scheduler divides by zero there), got {steps}")
         # 6. Guidance: off for guidance-distilled models; a second scale only for two experts.
         guidance = d.guidance_scale if self.guidance_scale is None else self.guidance_scale
         if spec.guidance == "none" and guidance > 1.0:
