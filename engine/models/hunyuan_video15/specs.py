@@ -96,9 +96,9 @@ def _spec(name: str, variant: Variant, tasks: set[str], defaults: SamplingDefaul
     ), variant
 
 
-def _release(name: str, version: str, target: int, task: str, distill: Distill, guidance: float, shift: float,
-             steps: int = 50, names: tuple[str, ...] = (), repos: tuple[str, ...] = (), what: str = ""
-             ) -> tuple[ModelSpec, Variant]:
+def _release(name: str, version: str, target: int, task: str, distill: Distill, guidance: float,
+             shift: float, steps: int = 50, names: tuple[str, ...] = (), repos: tuple[str, ...] = (),
+             what: str = "") -> tuple[ModelSpec, Variant]:
     """An official release variant: `transformer/<version>/` in the release, COMMUNITY.format(version)
     on the Hub in the diffusers layout (the preferred download: one variant), then `repos`."""
     arch = REAL_MEANFLOW if distill == "step" else REAL
