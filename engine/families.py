@@ -83,7 +83,9 @@ class DiTAdapter(Protocol):
 
     def model_input(self, latents: Tensor, t: Tensor, image: "object | None", dit: nn.Module,
                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(x, timestep, image_tokens) for the DiT at sampler timestep `t` (a 0-d tensor)."""
+        """(x, timestep, image_tokens) for the DiT at sampler timestep `t` (a 0-d tensor). An
+        adapter with `uses_next_timestep = True` (optional attribute, default False) is also given
+        `t_next=` the next step's timestep (0 after the last step): MeanFlow DiTs take both."""
         ...
 
     def final_latents(self, latents: Tensor, image: "object | None") -> Tensor:

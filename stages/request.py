@@ -163,7 +163,10 @@ def image_video_size(spec: ModelSpec, image: Image.Image) -> tuple[int, int]:
     example computes (diffusers/pipelines/wan/pipeline_wan_i2v.py, EXAMPLE_DOC_STRING:
     `max_area = 480 * 832; aspect_ratio = image.height / image.width; mod_value =
     vae_scale_factor_spatial * patch_size[1]; height = round(np.sqrt(max_area * aspect_ratio))
-    // mod_value * mod_value`, width with `/ aspect_ratio`)."""
+    // mod_value * mod_value`, width with `/ aspect_ratio`). A model whose defaults name their own
+    rule (`SamplingDefaults.image_size`, e.g. HunyuanVideo-1.5's size buckets) uses that."""
+    if spec.defaults.image_size is not None:
+        return spec.defaults.image_size(image.width, image.height)
     d, mod_value = spec.defaults, spec.spatial_stride
     max_area, aspect_ratio = d.height * d.width, image.height / image.width
     height = round(np.sqrt(max_area * aspect_ratio)) // mod_value * mod_value

@@ -92,7 +92,8 @@ def _spec(name: str, variant: Variant, tasks: set[str], defaults: SamplingDefaul
           aliases: tuple[str, ...] = (), **extra) -> tuple[ModelSpec, Variant]:
     return ModelSpec(
         name=name, family=FAMILY, tasks=frozenset(tasks), defaults=defaults, latent=LATENT,
-        guidance="none" if variant.distill != "none" else "cfg", text_len=1000, aliases=aliases, description=description, **extra,
+        guidance="none" if variant.distill != "none" else "cfg", text_len=1000, aliases=aliases,
+        description=description, **extra,
     ), variant
 
 
