@@ -59,7 +59,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "seed": (0, MAX_SEED),
 }
 """The bounds the request type enforces (stages/request.py's validators), by field; the size
-fields' bounds depend on the model's stride (`_size_limits`). Guidance has no upper bound in the
+fields' bounds depend on the model's stride (`_field`). Guidance has no upper bound in the
 request; 100 bounds the input."""
 
 _OPTIONAL: set[str] = {"target_fps"}
@@ -191,11 +191,6 @@ def allows(spec: ModelSpec, task: str, name: str, value: Any) -> bool:
     return _resolve_error(spec, task, name, value) is None
 
 
-def _size_limits(spec: ModelSpec) -> tuple[int, int, int]:
-    ss = spec.spatial_stride
-    return ss, MAX_SIDE // ss * ss, ss
-
-
 def form_for(spec: ModelSpec, task: str, accepted: Iterable[str] | None = None) -> list[FormField]:
     """The inputs of `task` (t2v, i2v, t2i, edit) for the model, in the request's field order.
     `accepted`: the request fields a remote service takes (None: all)."""
@@ -226,14 +221,28 @@ def form_for(spec: ModelSpec, task: str, accepted: Iterable[str] | None = None) 
     return out
 
 
-def _field(spec: ModelSpec, name: str, kind: Kind, default: Any, info: str) -> FormField:
-    d = spec.defaults
+def generic_form() -> list[FormField]:
+    """Every request field's input before a model is known (ComfyUI declares a sampler node's
+    inputs before a model is wired to it): each default None (the model's), sizes in steps of the
+    smallest stride of the registered models, prompts up to the longest any model takes. The
+    model checks the rest when the request runs."""
+    docs = field_docs(GenerationRequest)
+    return [FormField(name, kind, None, docs.get(name, "")) if kind in ("image", "images")
+            else _field(None, name, kind, None, docs.get(name, ""))
+            for name, kind in request_fields().items() if kind is not None]
+
+
+def _field(spec: ModelSpec | None, name: str, kind: Kind, default: Any, info: str) -> FormField:
+    """The input of one field for `spec` (None: any model, see `generic_form`)."""
+    from engine.registry import list_specs
+
     f = FormField(name, kind, "" if name == "prompt" else default, info)
     if name in _CHOICES:
         return dataclasses.replace(f, kind="choice", choices=tuple(_CHOICES[name]()))
     if kind == "text":
-        return dataclasses.replace(f, multiline=name.endswith("prompt"), default=f.default or "",
-                                   maximum=spec.max_prompt_chars)
+        longest = spec.max_prompt_chars if spec else max(s.max_prompt_chars for s in list_specs())
+        return dataclasses.replace(f, multiline=name.endswith("prompt"), maximum=longest,
+                                   default=f.default or ("" if spec or name == "prompt" else None))
     if kind == "choice":
         return dataclasses.replace(f, choices=literal_choices(GenerationRequest.model_fields[name].annotation))
     if kind == "parsed":
@@ -241,19 +250,18 @@ def _field(spec: ModelSpec, name: str, kind: Kind, default: Any, info: str) -> F
     if kind == "seed":
         return dataclasses.replace(f, default=None, minimum=0, maximum=MAX_SEED, step=1)
     if name in ("height", "width"):
-        lo, hi, step = _size_limits(spec)
-        return dataclasses.replace(f, minimum=lo, maximum=hi, step=step)
+        stride = spec.spatial_stride if spec else min(s.spatial_stride for s in list_specs())
+        return dataclasses.replace(f, minimum=stride, maximum=MAX_SIDE // stride * stride, step=stride)
     lo, hi = _LIMITS.get(name, (None, None))
-    if name.startswith("guidance_scale") and spec.guidance == "none":
+    if spec is not None and name.startswith("guidance_scale") and spec.guidance == "none":
         hi = 1.0  # guidance-distilled: runs without classifier-free guidance
     step = 1 if kind == "int" else 0.1 if kind == "float" else None
     f = dataclasses.replace(f, minimum=lo, maximum=hi, step=step)
-    if name == "steps" and d.timesteps is not None:
+    if spec is not None and name == "steps" and spec.defaults.timesteps is not None:
         f = dataclasses.replace(f, fixed=True)
     if name in _OPTIONAL:
         f = dataclasses.replace(f, optional=True, default=OFF, minimum=OFF)
     return f
-
 
 
 def request_values(form: list[FormField], values: dict[str, Any]) -> dict[str, Any]:
