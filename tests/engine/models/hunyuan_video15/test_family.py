@@ -118,7 +118,8 @@ def test_official_layout_picks_its_dit_folder(tmp_path, caplog):
     src = tiny.write_tiny(str(tmp_path / "diffusers"))
     official = tiny.write_official_layout(src, str(tmp_path / "official"))
     # a second DiT folder of the release's name (the tiny weights again)
-    shutil.copytree(os.path.join(official, "transformer", "480p_i2v"), os.path.join(official, "transformer", "720p_t2v"))
+    dits = os.path.join(official, "transformer")
+    shutil.copytree(os.path.join(dits, "480p_i2v"), os.path.join(dits, "720p_t2v"))
     with caplog.at_level("INFO"):
         ckpt = resolve_checkpoint(official)
     assert ckpt.layout == "official" and ckpt.spec.name == "tiny-hunyuanvideo-1.5"
