@@ -92,3 +92,20 @@ def test_bfloat16_pipeline(ckpt):
         pipe = LocalPipeline.from_checkpoint(ckpt, EngineOptions(device="cpu", dtype=dtype))
         out[dtype] = pipe.run(GenerationRequest(**request)).output.latents
     assert torch.isfinite(out["bfloat16"]).all() and rel(out["bfloat16"], out["float32"]) < 0.1
+
+
+def test_prequantized_checkpoint_loads_to_the_same_dit(ckpt, tmp_path):
+    """`lightx2v quantize` writes the DiT in 8 bits; loading it builds the same quantized model."""
+    from engine.checkpoint import quantize_checkpoint, resolve_checkpoint
+    from engine.families import get_family
+
+    out = quantize_checkpoint(ckpt.path, str(tmp_path / "int8"), "int8")
+    options = EngineOptions(device="cpu", dtype="bfloat16", quantization="int8")
+    family = get_family(ckpt.spec.family)
+    at_load = family.load_dits(ckpt, options)["transformer"]
+    stored = family.load_dits(resolve_checkpoint(out), options)["transformer"]
+    x, t, context, image = inputs()
+    context = DiTContext(context.text.bfloat16(), context.glyph.bfloat16())
+    with torch.no_grad():
+        assert torch.equal(stored(x.bfloat16(), t, context, image.bfloat16()),
+                           at_load(x.bfloat16(), t, context, image.bfloat16()))
