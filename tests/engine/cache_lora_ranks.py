@@ -90,3 +90,46 @@ def rank_main(rank: int, world_size: int, init_file: str, cfg: int, ulysses: int
         torch.save(run_all(mesh, mesh.world.group, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def per_token_teacache(mesh, group) -> tuple:
+    """TeaCache on a Wan2.2-TI2V-shaped DiT with per-token timesteps (frame 0 at t = 0): under
+    Ulysses each rank holds part of the modulation, so the ranks agree only through the all-reduce."""
+    from engine.cache import FeatureCache, TeaCacheConfig
+    from engine.parallel import apply_parallel
+
+    import wan22_ranks as w22
+
+    model = w22.build_model("ti2v")
+    predictor = apply_parallel(model, mesh)
+    g = torch.Generator().manual_seed(9)
+    f, h, w = 3, 6, 10
+    x = torch.randn(1, 48, f, h, w, generator=g)
+    context, negative = torch.randn(1, 7, 24, generator=g), torch.randn(1, 7, 24, generator=g)
+    mask = torch.ones(f, h // 2, w // 2)
+    mask[0] = 0.0                                             # the clean first frame's tokens at t = 0
+    cache = FeatureCache(TeaCacheConfig(**PER_TOKEN_TEA), 8, group)
+    with cache.applied(model), torch.no_grad():
+        for i, t in enumerate(torch.linspace(950.0, 300.0, 8)):
+            cache.begin_step(i)
+            v = predictor(x, (mask * t).flatten()[None], context, negative, 4.0)
+            x = x - 0.08 * v
+    return x, cache.skipped_steps(), cache.computed_steps()
+
+
+PER_TOKEN_TEA = {"coefficients": [1.0, 0.0], "threshold": 0.6, "ret_steps": 1}
+
+
+def per_token_rank_main(rank: int, world_size: int, init_file: str, cfg: int, ulysses: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from engine.options import ParallelConfig
+    from engine.parallel import init_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        mesh = init_mesh(ParallelConfig(cfg=cfg, ulysses=ulysses), "cpu")
+        torch.save(per_token_teacache(mesh, mesh.world.group), os.path.join(out_dir, f"pt{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))  # spawn children import the helpers by name
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "models", "wan"))  # wan22_ranks
 import cache_lora_ranks as cr  # noqa: E402
 
 from engine.parallel.mesh import single_mesh  # noqa: E402
@@ -36,3 +37,16 @@ def test_cfg2_ulysses2_equals_single(tmp_path):
         for r, got in enumerate(ranks):
             assert got[name][1] == steps, f"{name} rank {r}: skipped/computed {got[name][1]} vs {steps}"
             assert rel_err(got[name][0], latents) < TOL, f"{name} rank {r}"
+
+
+def test_teacache_per_token_signal_agrees_over_ulysses(tmp_path):
+    """Per-token modulation (Wan2.2 TI2V) is split over the Ulysses ranks: the all-reduced relative
+    change gives every rank the single process's decisions (cfg 2 x ulysses 2)."""
+    torch.set_num_threads(1)
+    x, skipped, computed = cr.per_token_teacache(single_mesh(), None)
+    assert skipped and len(computed) >= 3
+    mp.spawn(cr.per_token_rank_main, args=(4, str(tmp_path / "rdv"), 2, 2, str(tmp_path)), nprocs=4, join=True)
+    for r in range(4):
+        got, got_skipped, got_computed = torch.load(tmp_path / f"pt{r}.pt")
+        assert (got_skipped, got_computed) == (skipped, computed), r
+        assert rel_err(got, x) < TOL, r
