@@ -129,3 +129,26 @@ def test_official_layout_picks_its_dit_folder(tmp_path, caplog):
         resolve_checkpoint(official, spec_name="hunyuanvideo-1.5-720p-t2v")
     with pytest.raises(ValueError, match=r"480p_t2v is not there"):
         resolve_checkpoint(official, spec_name="hunyuanvideo-1.5-480p-t2v")
+
+
+@pytest.mark.parametrize("saved_as", ["SiglipImageProcessor", "SiglipImageProcessorFast"])
+def test_image_processor_under_either_class_name(tmp_path, saved_as):
+    """A feature_extractor/ saved by a transformers with a fast (torchvision) SigLIP processor names
+    that class; the settings are the same and load to the same processor here."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.models.hunyuan_video15.loader import make_siglip_processor
+
+    folder = tmp_path / "feature_extractor"
+    tiny.siglip_processor().save_pretrained(folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**settings, "image_processor_type": saved_as}))
+    image = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
+    got = make_siglip_processor(str(folder))(images=[image], return_tensors="pt").pixel_values
+    want = tiny.siglip_processor()(images=[image], return_tensors="pt").pixel_values
+    assert got.shape == (1, 3, 56, 56) and bool((got == want).all())
+    wrong = {**settings, "image_processor_type": "CLIPImageProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="not a SigLIP image processor"):
+        make_siglip_processor(str(folder))
