@@ -271,6 +271,8 @@ def load_image_encoder(ckpt: Checkpoint, options: EngineOptions) -> SiglipImageE
     state = lazy_safetensors(tower, stem="model")
     for key in [k for k in state if k.endswith("embeddings.position_ids")]:
         del state[key]  # a buffer older files carry
+    # the pooling head is unused (last_hidden_state); build it only when the checkpoint has it
+    config.vision_use_head = any(k.startswith(("head.", "vision_model.head.")) for k in state)
     model = build_module(lambda: SiglipVisionModel(config), state, dtype=options.torch_dtype,
                          device=options.torch_device, fit_keys=match_prefix("vision_model."))
     return SiglipImageEncoder(model, make_siglip_processor(processor_dir))

@@ -68,6 +68,9 @@ class HunyuanVideo15VAEConfig:
     @classmethod
     def from_official(cls, d: dict[str, Any]) -> "HunyuanVideo15VAEConfig":
         """From the official release's `vae/config.json` (`ffactor_spatial`, `ffactor_temporal`, ...)."""
+        if d.get("shift_factor"):
+            raise ValueError(f"vae config: shift_factor={d['shift_factor']!r} is not supported (the "
+                             "HunyuanVideo-1.5 VAE scales its latents only)")
         return cls(
             in_channels=int(d.get("in_channels", 3)), out_channels=int(d.get("out_channels", 3)),
             latent_channels=int(d["latent_channels"]), block_out_channels=tuple(d["block_out_channels"]),

@@ -152,3 +152,24 @@ def test_image_processor_under_either_class_name(tmp_path, saved_as):
     (folder / "preprocessor_config.json").write_text(json.dumps(wrong))
     with pytest.raises(ValueError, match="not a SigLIP image processor"):
         make_siglip_processor(str(folder))
+
+
+def test_siglip_without_its_pooling_head_loads_to_the_same_tokens(tmp_path):
+    """The tokens are the last hidden state; a checkpoint without the (unused) head loads too."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from engine.families import get_family
+    from engine.options import EngineOptions
+
+    ckpt = resolve_checkpoint(tiny.write_tiny(str(tmp_path / "ckpt")))
+    options = EngineOptions(device="cpu", dtype="float32")
+    image = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
+    with_head = get_family(ckpt.spec.family).load_image_encoder(ckpt, options).encode([image])
+    weights = os.path.join(ckpt.path, "image_encoder", "model.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith(("head.", "vision_model.head."))},
+              weights)
+    without = get_family(ckpt.spec.family).load_image_encoder(ckpt, options).encode([image])
+    assert with_head.shape == (1, 16, 32) and torch.equal(with_head, without)
