@@ -554,6 +554,8 @@ class LoRABank:
 
     def get(self, path: str, expert: str, dit: nn.Module) -> LoRA:
         """`path` read for `dit` (cached)."""
+        if not os.path.isfile(path):
+            raise ValueError(f"lora: file not found: {path}")
         stat = os.stat(path)
         key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, expert, id(dit))
         with self._lock:
