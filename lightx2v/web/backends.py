@@ -137,12 +137,17 @@ class LocalBackend(Backend):
         self.name = name
         self.spec = model.spec
         self.out_dir = _out_dir(out_dir)
-        # target_fps needs a frame interpolator among the engine options.
-        self.accepted = None if model.options.interpolator else frozenset(request_fields()) - {"target_fps"}
+        # target_fps needs a frame interpolator among the engine options, LoRA names a lora_dir.
+        unavailable = {"target_fps": model.options.interpolator, "lora": model.options.lora_dir}
+        self.accepted = frozenset(n for n in request_fields() if unavailable.get(n, True) is not None)
         self._lock = threading.Lock()
 
     def start(self, fields: dict[str, Any]) -> Job:
-        """Validate now (ValueError naming the field), then run in a thread."""
+        """Validate now (ValueError naming the field), then run in a thread. LoRAs are names in
+        the engine's lora_dir, as for the service: a page is a network entrance, and a request
+        from the network never names a path."""
+        if fields.get("lora"):
+            fields = {**fields, "lora": [_by_name(lora) for lora in fields["lora"]]}
         try:
             request = GenerationRequest(**fields).resolve(self.spec)  # draws the seed when unset
         except ValueError as e:

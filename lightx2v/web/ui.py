@@ -163,7 +163,11 @@ class Page:
         if f.kind == "bool":
             return gr.Checkbox(value=bool(f.default), **common)
         if f.kind == "parsed":
-            return gr.Textbox(value="", placeholder=f.placeholder, **common)
+            placeholder = f.placeholder
+            if f.name == "lora":  # names of files in the LoRA folder (backends.py: never paths)
+                placeholder = placeholder.replace("PATH", "NAME")
+                common["info"] = f"{info} Here: file names in the LoRA folder (--lora-dir)."
+            return gr.Textbox(value="", placeholder=placeholder, **common)
         if f.kind == "seed":
             common["info"] = f"{info} Empty (or {RANDOM_SEED}): a random seed, shown with the result."
             return gr.Textbox(value="", placeholder="random", **common)

@@ -153,3 +153,32 @@ def test_server_mode_needs_the_api_key(service, capsys):
     assert "give the service's API key" in capsys.readouterr().err
     assert main(["--server", service, "--api-key", API_KEY, "--device", "cpu"]) == 2
     assert "engine options (device) are `lightx2v serve`'s flags" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- LoRAs
+
+
+def test_page_offers_loras_by_name_only_with_a_lora_folder(page_url, tmp_path):
+    """The page is a network entrance: like the service, it takes LoRA names (files in the
+    engine's lora_dir), never paths; without a lora_dir it has no LoRA input."""
+    from lightx2v.web.backends import load_local
+    from ui_service import write_tiny_lora
+
+    endpoint = Client(page_url, verbose=False).view_api(return_format="dict")["named_endpoints"]["/generate_t2v"]
+    assert "lora" not in [p["parameter_name"] for p in endpoint["parameters"]]  # tiny_backend: no lora_dir
+
+    write_tiny_lora(tmp_path / "loras" / "tiny_style.safetensors")
+    backend = load_local("tiny-wan", "cpu", "float32", out_dir=tmp_path / "out", lora_dir=str(tmp_path / "loras"))
+    assert "lora" in backend.accepted
+
+    def frames(**fields):
+        job = backend.start({"prompt": "a fox", "num_frames": 5, "height": 32, "width": 32, "steps": 2, "seed": 3,
+                             **fields})
+        assert job.wait(120) and job.outcome.status == "completed", job.outcome
+        return frames_of(job.outcome.path).astype(np.int16)
+
+    plain = frames()
+    styled = frames(lora=[{"path": "tiny_style", "strength": 1.0}])  # the page's parser says "path"
+    assert np.abs(styled - plain).mean() > 5  # the LoRA was applied, by name
+    with pytest.raises(ValueError, match="lora"):
+        backend.start({"prompt": "a fox", "lora": [{"path": str(tmp_path / "loras" / "tiny_style.safetensors")}]})

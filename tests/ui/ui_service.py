@@ -63,6 +63,29 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
+def write_tiny_lora(path: Path) -> None:
+    """A rank-4 LoRA (diffusers/PEFT keys) on every attention and feed-forward linear of tiny-wan."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.registry import get_spec
+
+    checkpoint = Path(get_spec("tiny-wan").materialize())
+    weights = {}
+    for shard in sorted((checkpoint / "transformer").glob("*.safetensors")):
+        weights.update(load_file(shard))
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for key, w in weights.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and w.dim() == 2 and (".attn" in key or ".ffn" in key):
+            module = key[:-len(".weight")]
+            lora[f"transformer.{module}.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.5
+            lora[f"transformer.{module}.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.5
+    assert lora, "tiny-wan has no attention / feed-forward linears?"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(path))
+
+
 # ----------------------------------------------------------------------------- the stages in process
 
 
