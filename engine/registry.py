@@ -107,6 +107,9 @@ class ModelSpec:
     guidance: Guidance = "cfg"
     max_images: int = 1
     """Most input images a request may give (image-conditioned tasks; Qwen-Image-Edit-2509/2511: 3)."""
+    text_reads_images: bool = False
+    """The text encoder conditions the prompt on the input images too (a vision-language encoder:
+    Qwen-Image-Edit), so the service sends them to it."""
     max_prompt_chars: int = 8192
     """Longest prompt accepted (characters)."""
     text_len: int = 512

@@ -243,7 +243,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--name", default=APP_NAME, help="Serve application name (for handles)")
-    add_arguments(p, serve_arguments())
+    derived = serve_arguments()
+    add_arguments(p, [a for a in derived if a.name != "model"])
+    (model,) = (a for a in derived if a.name == "model")
+    p.add_argument("--model", action="append", default=None, metavar="MODEL",
+                   help=f"{model.doc} Repeat it to serve several models behind one HTTP entrance, which "
+                        f"routes on the request's `model` (default: {model.default})")
     add_model_source_arguments(p, revision=False)
     (pending,) = (a for a in model_arguments(IngressArgs) if a.name == "max_pending_jobs")
     add_argument(p, pending)  # ingress.max_pending_jobs
@@ -260,7 +265,8 @@ def serve_main(args: argparse.Namespace) -> int:
         from serving.config import AppArgs
 
         try:
-            resolve_checkpoint(args.model or AppArgs.model_fields["model"].default, download=True)
+            for model in args.model or [AppArgs.model_fields["model"].default]:
+                resolve_checkpoint(model, download=True)
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -68,6 +68,9 @@ class ApiError(ValueError):
         self.code = code or _STATUS_CODES.get(status, "error")
         self.headers = headers or {}
 
+    def __reduce__(self):  # picklable: a several-model service's router gets it from a model's ingress
+        return _api_error, (self.status, self.message, self.param, self.code, self.headers)
+
     def body(self) -> dict[str, Any]:
         """OpenAI's error object; the message and param made safe to show (`public_message`)."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -77,6 +80,10 @@ class ApiError(ValueError):
 
     def response(self) -> "OpenAIJSONResponse":
         return OpenAIJSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _api_error(status: int, message: str, param: str | None, code: str, headers: dict[str, str]) -> ApiError:
+    return ApiError(status, message, param=param, code=code, headers=headers)
 
 
 class OpenAIJSONResponse(JSONResponse):
@@ -218,10 +225,10 @@ def fit_image(request: ResolvedRequest) -> ResolvedRequest:
 
 def without_image(request: ResolvedRequest) -> ResolvedRequest:
     """The request as the stages that do not read the image get it (text encoder, DiT,
-    decoder): the image, their largest field by far, left out."""
-    if getattr(request, "image", None) is None:
+    decoder): the image(s), their largest field by far, left out."""
+    if getattr(request, "image", None) is None and not getattr(request, "images", ()):
         return request
-    return request.model_copy(update={"image": None})
+    return request.model_copy(update={"image": None, "images": ()})
 
 
 def build_request(fields: dict[str, Any], spec: ModelSpec, served_names: tuple[str, ...], *,
@@ -312,6 +319,8 @@ def request_params(request: ResolvedRequest) -> dict[str, Any]:
 
 
 def format_seconds(num_frames: int, fps: int) -> str:
+    if fps <= 0:  # an image
+        return "0"
     return f"{num_frames / fps:.2f}".rstrip("0").rstrip(".")
 
 

@@ -44,7 +44,7 @@ def build_app(args: dict[str, Any] | AppArgs,
 
     spec = import_object(app_args.engine_cls).resolve(app_args.model)
     text = deployment(TextEncoder, "TextEncoder").bind(plain)
-    image = deployment(ImageEncoder, "ImageEncoder").bind(plain) if "i2v" in spec.tasks else None
+    image = deployment(ImageEncoder, "ImageEncoder").bind(plain) if spec.tasks & {"i2v", "edit"} else None
     dit = deployment(DiTGroup, "DiTGroup").bind(plain)
     decoder = deployment(VAEDecoder, "VAEDecoder").bind(plain)
     ingress_cls = serve.ingress()(Ingress)  # the FastAPI app is built per replica

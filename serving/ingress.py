@@ -110,12 +110,24 @@ class Ingress:
     async def submit(self, request: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
         """Validate, create a job (owned by `owner`), start it; returns the video object at once."""
         self._ensure_maintainer()
+        if self.spec.modality != "video":
+            raise ApiError(400, f"model {self.spec.name!r} makes images: use POST /v1/images/generations "
+                                "(or /v1/images/edits), not /v1/videos", param="model")
         resolved = build_request(dict(request), self.spec, self.served_names,
                                  max_image_pixels=self.settings.max_image_pixels)
+        self.check_admission()
+        return video_object(self.start_job(resolved, owner))
+
+    def check_admission(self, jobs: int = 1) -> None:
+        """503 with Retry-After when `jobs` more would exceed `ingress.max_pending_jobs`."""
         pending = self.store.count_active()
-        if pending >= self.args.ingress.max_pending_jobs:
+        if pending + jobs > self.args.ingress.max_pending_jobs:
             raise ApiError(503, f"too many pending jobs ({pending}); retry later",
                            headers={"Retry-After": str(self.args.ingress.retry_after_s)})
+
+    def start_job(self, resolved: ResolvedRequest, owner: str | None = None) -> JobRecord:
+        """Create the job of a validated request in the store and start it (Videos API: one per
+        request; Images API: one per image)."""
         job = self.store.create(JobRecord(
             id=new_job_id("image" if self.spec.modality == "image" else "video"),
             created_at=int(time.time()), status="queued", model=self.spec.name,
@@ -129,7 +141,16 @@ class Ingress:
         self._tasks[job.id] = task
         self._set_state(job.id, "queued")
         task.add_done_callback(lambda _t, job_id=job.id: self._forget(job_id))
-        return video_object(job)
+        return job
+
+    async def images(self, fields: dict[str, Any], owner: str | None = None, edit: bool = False,
+                     base_url: str = "") -> dict[str, Any]:
+        """The Images API (serving/images_api.py): `n` image jobs, awaited; OpenAI's images
+        response (b64_json, or URLs under `base_url`)."""
+        from serving.images_api import run_images
+
+        self._ensure_maintainer()
+        return await run_images(self, fields, owner, edit=edit, base_url=base_url)
 
     async def status(self, video_id: str, owner: str | None = None) -> dict[str, Any]:
         return video_object(self._get(video_id, owner))
@@ -195,7 +216,7 @@ class Ingress:
             # 2. Decode (the decoder fetches the latents itself) and store the result.
             result = await self._retry_busy(
                 job_id, lambda: self._decoder.decode.remote(without_image(request), latents))
-            self.store.save_result(job_id, result.data, getattr(result, "mime", "video/mp4"))
+            self.store.save_result(job_id, result.data, getattr(result, "mime_type", "video/mp4"))
             self.store.set_status(job_id, "completed", progress=100)
             status, reason = "completed", ""
         except asyncio.CancelledError:
@@ -220,7 +241,7 @@ class Ingress:
         # Encoder responses are passed on unawaited: Serve resolves them object store to object
         # store before the DiT call is assigned to a replica. Only the image encoder gets the image.
         plain = without_image(request)
-        text = self._text.encode.remote(plain)
+        text = self._text.encode.remote(request if self.spec.text_reads_images else plain)
         image = self._image.encode.remote(request) if plan_for(request).image_encode else None
         extra = {"caller": self._caller} if self._caller is not None else {}
         stream = self._dit.options(stream=True).denoise.remote(job_id, plain, text, image, **extra)
@@ -321,7 +342,11 @@ class Ingress:
     # ------------------------------------------------------------------ HTTP
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this after __init__: the FastAPI app, routes closed over this replica."""
-        return build_http_app(self)
+        from serving.images_api import add_image_routes
+
+        app = build_http_app(self)
+        add_image_routes(app, self)  # the Images API (image models; a 400 for video models)
+        return app
 
 
 def _own_actor_handle():
@@ -493,7 +518,8 @@ def build_http_app(ingress: Ingress) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(owner: str | None = who) -> dict:
-        return {"object": "list", "data": [model_object(ingress.spec)]}
+        specs = getattr(ingress, "specs", None) or [ingress.spec]  # the router serves several
+        return {"object": "list", "data": [model_object(s) for s in specs]}
 
     @app.get("/health")
     async def health() -> dict:

@@ -32,6 +32,11 @@ def app_args_from(values: argparse.Namespace | Mapping[str, Any]) -> AppArgs:
     `max_pending_jobs` sets `ingress.max_pending_jobs`; `data_dir` is made absolute."""
     given = {k: v for k, v in (vars(values) if isinstance(values, argparse.Namespace) else values).items()
              if v is not None}
+    if isinstance(given.get("model"), list):  # `--model` repeats: one AppArgs per model (every_app_args)
+        if len(given["model"]) != 1:
+            raise ValueError(f"model: {len(given['model'])} models given; each has its own arguments "
+                             "(serving.launch.every_app_args)")
+        given["model"] = given["model"][0]
     args = {name: given[name] for name in AppArgs.model_fields if name in given}
     device = args.get("device", AppArgs.model_fields["device"].default)
     args.setdefault("dtype", default_dtype(device))
@@ -42,6 +47,15 @@ def app_args_from(values: argparse.Namespace | Mapping[str, Any]) -> AppArgs:
     return AppArgs(**args)
 
 
+def every_app_args(values: argparse.Namespace | Mapping[str, Any]) -> list[AppArgs]:
+    """One `AppArgs` per `--model` given (`lightx2v serve --model A --model B`: the same flags for
+    every model), or the default model's."""
+    given = dict(vars(values) if isinstance(values, argparse.Namespace) else values)
+    models = given.get("model")
+    models = models if isinstance(models, list) else [models]
+    return [app_args_from({**given, "model": model}) for model in models]
+
+
 @dataclass
 class Service:
     url: str
@@ -50,20 +64,22 @@ class Service:
     handle: Any
 
 
-def start_service(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000,
+def start_service(args: AppArgs | list[AppArgs], *, host: str = "127.0.0.1", port: int = 8000,
                   name: str = APP_NAME, log_to_driver: bool = True, service: Any = None) -> Service:
-    """Start Ray (locally, unless a cluster is already connected) and run the app. `service`:
+    """Start Ray (locally, unless a cluster is already connected) and run the app (several
+    models: `args` a list, one HTTP entrance routing on `model`: serving/router.py). `service`:
     the service settings (`serving.settings.ServiceSettings` or a dict; None = defaults)."""
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.router import build_multi_app
 
     if not ray.is_initialized():
         ray.init(namespace="lightx2v", include_dashboard=False, log_to_driver=log_to_driver,
                  num_cpus=max(2, os.cpu_count() or 2))
     serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(build_app(args, service=service), name=name, route_prefix="/")
+    handle = serve.run(build_multi_app(args if isinstance(args, list) else [args], service=service),
+                       name=name, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return Service(url=f"http://{shown}:{port}", name=name, handle=handle)
 
@@ -91,15 +107,18 @@ def serve_main(ns: argparse.Namespace) -> int:
     from serving.settings import ServiceSettings
 
     try:
-        args = app_args_from(ns)
+        every = every_app_args(ns)  # --model A --model B: one app args each
         settings = ServiceSettings.from_flags(ns)  # --api-key, --cors-origins, limits
         settings.load_api_keys()
-        import_object(args.engine_cls).resolve(args.model)
+        for args in every:
+            import_object(args.engine_cls).resolve(args.model)
     except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
         print(f"error: {describe_error(err)}", file=sys.stderr)
         return 2
-    service = start_service(args, host=ns.host, port=ns.port, name=ns.name, service=settings)
-    print(f"lightx2v: serving {args.model} at {service.url} (data in {args.data_dir})", flush=True)
+    args = every[0]
+    service = start_service(every, host=ns.host, port=ns.port, name=ns.name, service=settings)
+    print(f"lightx2v: serving {', '.join(a.model for a in every)} at {service.url} (data in {args.data_dir})",
+          flush=True)
     print(f"  curl -s {service.url}/v1/videos -H 'content-type: application/json' "
           f"-d '{{\"prompt\": \"a cat surfing\", \"seconds\": 1}}'", flush=True)
     print(f"  curl -s {service.url}/v1/videos/VIDEO_ID ; curl -so out.mp4 {service.url}/v1/videos/VIDEO_ID/content",

@@ -103,7 +103,8 @@ def _spec(name: str, variant: QwenVariant, defaults: SamplingDefaults, descripti
     return ModelSpec(
         name=name, family=FAMILY, tasks=frozenset({"edit"} if conventions.edits else {"t2i"}),
         defaults=defaults, modality="image", latent=QWEN_LATENT, guidance="cfg_renorm",
-        max_images=max(conventions.max_images, 1), max_prompt_chars=8192, text_len=512, aliases=aliases,
+        max_images=max(conventions.max_images, 1), text_reads_images=conventions.edits, max_prompt_chars=8192,
+        text_len=512, aliases=aliases,
         materialize=_materializer(name) if tiny else None, description=description,
     ), variant
 
