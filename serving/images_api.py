@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,6 @@ from serving.auth import check_origin
 from stages.request import MAX_SEED, GenerationRequest, RequestError, ResolvedRequest
 
 if TYPE_CHECKING:
-    from serving.ingress import Ingress
     from serving.settings import ServiceSettings
 
 MAX_N = 10
@@ -176,9 +176,10 @@ def _field(field: str | None, given: dict[str, Any]) -> str | None:
 # ----------------------------------------------------------------------------- running
 
 
-async def run_images(ingress: "Ingress", fields: dict[str, Any], owner: str | None, *, edit: bool,
+async def run_images(ingress: Any, fields: dict[str, Any], owner: str | None, *, edit: bool,
                      base_url: str) -> dict[str, Any]:
-    """Validate, start one job per image, wait for all, answer OpenAI's images object."""
+    """Validate, start one job per image, wait for all, answer OpenAI's images object.
+    `ingress`: the model's `serving.ingress.Ingress`."""
     requests, response_format = build_image_requests(
         fields, ingress.spec, ingress.served_names, edit=edit, max_image_pixels=ingress.settings.max_image_pixels)
     ingress.check_admission(len(requests))
@@ -205,11 +206,21 @@ async def run_images(ingress: "Ingress", fields: dict[str, Any], owner: str | No
 
 
 async def image_fields(request: Request, settings: "ServiceSettings") -> dict[str, Any]:
-    """JSON body, or multipart form whose `image` / `image[]` files make one list."""
-    from serving.ingress import _media_type, _request_fields
-
-    if _media_type(request) != "multipart/form-data":
-        return await _request_fields(request, settings)  # JSON (and the media-type refusals)
+    """JSON body, or multipart form whose `image` / `image[]` files make one list (form-encoded
+    bodies are refused, as on /v1/videos: a browser sends them cross-site without a preflight)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type in ("application/json", ""):
+        try:
+            parsed = json.loads(await request.body())
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+            why = "nested too deeply" if isinstance(err, RecursionError) else "not valid JSON"
+            raise ApiError(400, f"the body is {why}") from None
+        if not isinstance(parsed, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return parsed
+    if media_type != "multipart/form-data":
+        raise ApiError(415, f"content type {media_type!r} is not accepted: send application/json or "
+                            "multipart/form-data")
     max_upload_bytes = settings.max_upload_bytes
     form = await request.form(max_files=MAX_FILES, max_fields=32, max_part_size=1024 * 1024)
     fields: dict[str, Any] = {}

@@ -128,7 +128,8 @@ class DecodeStage(DecodeFramesStage):
     def check_output(self, request: ResolvedRequest, out: Encoded) -> None:
         if isinstance(out, EncodedImage):
             if (out.height, out.width) != (request.height, request.width):
-                raise StageError(f"decode: image is {out.width}x{out.height}, expected {request.width}x{request.height}")
+                raise StageError(f"decode: image is {out.width}x{out.height}, expected "
+                                 f"{request.width}x{request.height}")
             return
         got = (out.num_frames, out.height, out.width)
         expected = (request.output_num_frames, request.height, request.width)

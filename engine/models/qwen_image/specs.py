@@ -6,11 +6,11 @@ named by model_index.json's `_class_name` (how the prompt and images are conditi
 `zero_cond_t` (Edit-2511) and the DiT's width and depth (the tiny models). Entries sharing a
 variant (Qwen-Image and Qwen-Image-2512) are listed with the default first.
 
-The conditioning conventions of each pipeline are in pipelines.py. Sampling defaults: 50 steps and true CFG 4 with the negative prompt " " (the Qwen-Image model
-cards' examples; Edit-2511's card: 40 steps); the schedule comes from the checkpoint's scheduler
-config (engine.checkpoint): Euler, dynamic shift (mu from the image token count), shift_terminal
-0.02, the linear sigmas the pipelines pass. The defaults below are the same values, for folders
-without one.
+The conditioning conventions of each pipeline are in pipelines.py. Sampling defaults: 50 steps
+and true CFG 4 with the negative prompt " " (the Qwen-Image model cards' examples; Edit-2511's
+card: 40 steps); the schedule comes from the checkpoint's scheduler config (engine.checkpoint):
+Euler, dynamic shift (mu from the image token count), shift_terminal 0.02, the linear sigmas the
+pipelines pass. The defaults below are the same values, for folders without one.
 """
 from __future__ import annotations
 

@@ -112,7 +112,8 @@ class QwenTextEncoder:
     def _vision_inputs(self, images: list[Image.Image]) -> dict[str, Tensor]:
         """pixel_values (patches, C * 2 * 14 * 14) and image_grid_thw (N, 3) of the resized images."""
         if len(images) > self.pipeline.max_images:
-            raise ValueError(f"{self.pipeline.name} takes at most {self.pipeline.max_images} image(s), got {len(images)}")
+            raise ValueError(f"{self.pipeline.name} takes at most {self.pipeline.max_images} image(s), "
+                             f"got {len(images)}")
         resized = [vl_image(image, self.vl_area) for image in images]
         features = self.image_processor(images=resized, return_tensors="pt")
         dtype = next(self.model.parameters()).dtype

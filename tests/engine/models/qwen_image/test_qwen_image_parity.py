@@ -280,7 +280,9 @@ class TestQwenImageEdit(QwenParity):
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
 
         original = module.calculate_dimensions
-        small = lambda area, ratio: original(TINY_REFERENCE_AREA if area == REFERENCE_AREA else area, ratio)  # noqa: E731
+        def small(area, ratio):
+            return original(TINY_REFERENCE_AREA if area == REFERENCE_AREA else area, ratio)
+
         return mock.patch.object(module, "calculate_dimensions", small)
 
     def test_is_read_as_the_original_edit(self, ours):
