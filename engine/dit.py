@@ -12,6 +12,8 @@ through these declarations and the helpers below, never through attribute names 
         quant_skip = ("proj_out", "*norm*")       # engine.quant never quantizes these linears
         config: MyConfig                          # with num_attention_heads
 
+        compile_dynamic = True                    # optional: token counts vary per call (compile dynamic)
+
         @classmethod
         def fusions(cls) -> Fusions: ...          # optional: the family's fused-kernel module swaps
 

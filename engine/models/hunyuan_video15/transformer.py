@@ -39,7 +39,8 @@ over the slice, which Ulysses turns into attention over the whole sequence. The 
 work is split across ranks too.
 
 Seams: `repeated_blocks` ("transformer_blocks"), `sequence_hooks` ("sequence"),
-`sequence_attention` (each block's "attn.core"), `keep_in_fp32`, `quant_skip`, `fusions()`.
+`sequence_attention` (each block's "attn.core"), `keep_in_fp32`, `quant_skip`, `fusions()`, and
+`compile_dynamic` (compiled blocks take any context length without recompiling).
 The model has no buffers (rotary tables are computed in `forward`): a meta-device build followed
 by `load_state_dict(assign=True)` is complete.
 """
@@ -475,6 +476,10 @@ class HunyuanVideo15DiT(nn.Module):
     sequence_attention: ClassVar[tuple[str, ...]] = ("attn.core",)
     """Each block's joint attention: its queries, keys and values all come from the block's token
     sequence [video; context] (see the module docstring)."""
+    compile_dynamic: ClassVar[bool] = True
+    """engine.kernels.compile_blocks compiles the blocks with dynamic shapes: the context length
+    (valid prompt and glyph tokens) differs from prompt to prompt, and a graph specialised to each
+    length would recompile for every new prompt."""
     keep_in_fp32: ClassVar[tuple[str, ...]] = ()
     """Nothing: diffusers runs every HunyuanVideo-1.5 weight in the model dtype."""
     quant_skip: ClassVar[tuple[str, ...]] = (

@@ -109,3 +109,28 @@ def test_prequantized_checkpoint_loads_to_the_same_dit(ckpt, tmp_path):
     with torch.no_grad():
         assert torch.equal(stored(x.bfloat16(), t, context, image.bfloat16()),
                            at_load(x.bfloat16(), t, context, image.bfloat16()))
+
+
+def test_compiled_blocks_take_any_prompt_length_without_recompiling(monkeypatch):
+    """compile_blocks compiles the blocks with dynamic shapes (the class's `compile_dynamic`): a
+    new prompt length reuses the graph (dynamo's guards, here with the eager backend: no codegen)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from engine.kernels.compile import compile_blocks
+
+    monkeypatch.setattr(nn.Module, "compile", functools.partialmethod(nn.Module.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    dit, reference = model(), model()
+    compile_blocks(dit)
+    x, t, context, image = inputs()
+    graphs = []
+    with torch.no_grad():
+        for length in (5, 7, 9, 12):
+            ctx = DiTContext(torch.randn(1, length, context.text.shape[2]), context.glyph)
+            assert rel(dit(x, t, ctx, image), reference(x, t, ctx, image)) < 1e-5
+            graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[-1] == graphs[1], graphs   # the second length makes it dynamic; no graph after
