@@ -42,6 +42,26 @@ OFFICIAL_TARGET_SIZES = {"360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
 """The release's bucket base sizes per resolution (`target_size_config`)."""
 
 
+DOWNLOADS = {
+    OFFICIAL_LLM: "Qwen/Qwen2.5-VL-7B-Instruct",
+    OFFICIAL_BYT5: "google/byt5-small",
+    OFFICIAL_GLYPH: "Glyph-SDXL-v2 (ModelScope AI-ModelScope/Glyph-SDXL-v2)",
+    OFFICIAL_SIGLIP: "black-forest-labs/FLUX.1-Redux-dev (gated)",
+}
+"""What the release's checkpoints-download.md has users put into each folder (the encoders are
+not part of tencent/HunyuanVideo-1.5 itself)."""
+
+
+def require_official(ckpt: Checkpoint, *parts: str) -> None:
+    """FileNotFoundError naming every missing encoder folder of an official release folder and
+    where its weights come from."""
+    missing = [p for p in parts if not os.path.exists(ckpt.file(p))]
+    if missing:
+        where = "; ".join(f"{p}: {DOWNLOADS.get(p.split(os.sep + 'checkpoints')[0], '?')}" for p in missing)
+        raise FileNotFoundError(f"{ckpt.path} (official HunyuanVideo-1.5 layout) lacks {missing}: the release "
+                                f"ships its encoders separately ({where}; see the release's checkpoints-download.md)")
+
+
 # --------------------------------------------------------------------------- DiT
 
 
@@ -227,6 +247,8 @@ def load_text_encoder(ckpt: Checkpoint, options: EngineOptions) -> HunyuanVideo1
         byt5_config = T5Config.from_pretrained(ckpt.file("text_encoder_2"))
         byt5_state = lazy_safetensors(ckpt.file("text_encoder_2"), stem="model")
     else:
+        glyph_weights = os.path.join(OFFICIAL_GLYPH, "checkpoints", "byt5_model.pt")
+        require_official(ckpt, OFFICIAL_LLM, OFFICIAL_BYT5, glyph_weights)
         llm_dir = ckpt.file(OFFICIAL_LLM)
         tokenizer = AutoTokenizer.from_pretrained(llm_dir, padding_side="right")  # as the release loads it
         byt5_tokenizer = ByT5Tokenizer.from_pretrained(ckpt.file(OFFICIAL_BYT5))
@@ -265,6 +287,8 @@ def load_image_encoder(ckpt: Checkpoint, options: EngineOptions) -> SiglipImageE
     """SigLIP vision tower + its image processor."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
+    if ckpt.layout == "official":
+        require_official(ckpt, OFFICIAL_SIGLIP)
     base = ckpt.path if ckpt.layout == "diffusers" else ckpt.file(OFFICIAL_SIGLIP)
     tower, processor_dir = os.path.join(base, "image_encoder"), os.path.join(base, "feature_extractor")
     config = SiglipVisionConfig.from_pretrained(tower)

@@ -173,3 +173,14 @@ def test_siglip_without_its_pooling_head_loads_to_the_same_tokens(tmp_path):
               weights)
     without = get_family(ckpt.spec.family).load_image_encoder(ckpt, options).encode([image])
     assert with_head.shape == (1, 16, 32) and torch.equal(with_head, without)
+
+
+def test_official_folder_without_its_encoders_says_where_they_come_from(tmp_path):
+    from engine.families import get_family
+    from engine.options import EngineOptions
+
+    official = tiny.write_official_layout(tiny.write_tiny(str(tmp_path / "d")), str(tmp_path / "o"))
+    shutil.rmtree(os.path.join(official, "text_encoder", "llm"))
+    ckpt = resolve_checkpoint(official)
+    with pytest.raises(FileNotFoundError, match="lacks .*text_encoder/llm.*Qwen/Qwen2.5-VL-7B-Instruct"):
+        get_family(ckpt.spec.family).load_text_encoder(ckpt, EngineOptions(device="cpu"))
