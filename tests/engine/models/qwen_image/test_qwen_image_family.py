@@ -127,3 +127,32 @@ def test_the_text_stage_gives_the_images_to_an_encoder_that_reads_them(tiny_edit
     assert out.context.hidden.shape != other.context.hidden.shape or \
         not torch.equal(out.context.hidden, other.context.hidden)  # the image conditions the prompt
     assert os.path.isdir(os.path.join(tiny_edit_dir, "processor"))
+
+
+def test_int8_quantizes_the_blocks_and_a_prequantized_copy_loads_the_same(tmp_path):
+    """INT8 linears in the blocks (modulation included), the embedders and the head kept; a
+    `lightx2v quantize` copy of the checkpoint gives the load-time quantization's latents."""
+    from engine.checkpoint import quantize_checkpoint
+    from engine.options import EngineOptions
+    from stages.pipeline import LocalPipeline
+
+    def latents(model: str, quantization: str) -> tuple[torch.Tensor, torch.nn.Module]:
+        pipe = LocalPipeline.from_checkpoint(resolve_checkpoint(model), EngineOptions(quantization=quantization))
+        request = GenerationRequest(prompt="a fox", height=32, width=48, seed=1, steps=2, output_type="latent")
+        return pipe.run(request).output.latents, pipe.denoise.transformer
+
+    full, _ = latents("tiny-qwen-image", "none")
+    int8, dit = latents("tiny-qwen-image", "int8")
+    kinds = {name: type(m).__name__ for name, m in dit.named_modules()}
+    assert kinds["transformer_blocks.0.img_mod.1"] != "Linear" and kinds["transformer_blocks.1.attn.to_q"] != "Linear"
+    assert {kinds[n] for n in ("img_in", "txt_in", "proj_out", "norm_out.linear")} == {"Linear"}
+    assert 0 < float((int8 - full).norm() / full.norm()) < 0.05
+    # the pre-quantized copy (quantized from bf16 weights, as at load time in bf16): the same DiT
+    from engine.families import get_family
+
+    copy = quantize_checkpoint("tiny-qwen-image", str(tmp_path / "int8"), "int8")
+    bf16 = EngineOptions(dtype="bfloat16", quantization="int8")
+    at_load, pre = (get_family("qwen_image").load_dits(resolve_checkpoint(m), bf16)["transformer"].state_dict()
+                    for m in ("tiny-qwen-image", copy))
+    assert at_load.keys() == pre.keys() and any(k.endswith(".weight_q") for k in pre)
+    assert all(torch.equal(at_load[k], pre[k]) for k in pre)
