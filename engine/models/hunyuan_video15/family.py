@@ -160,7 +160,9 @@ class HunyuanVideo15Family:
         if matching:
             return matching[0]
         guidance = 1.0 if variant.distill != "none" else 6.0
-        spec, _ = _spec(f"{FAMILY}-{variant.task}-custom", variant, {variant.task},
+        distill = "" if variant.distill == "none" else f"-{variant.distill}-distilled"
+        name = f"{FAMILY}-{variant.target_size}px-{variant.task}{distill}-custom"
+        spec, _ = _spec(name, variant, {variant.task},
                         _defaults(variant.target_size, guidance, 5.0), f"derived from the config in {path}")
         log.warning("checkpoint %s matches no registered HunyuanVideo-1.5 variant (%s); using a spec derived "
                     "from the family defaults: %s", path, variant, spec.name)
