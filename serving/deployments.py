@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import ray
+from ray import serve
 
 from cluster import WorkerGroupError
 from serving import metrics
@@ -147,9 +148,26 @@ class VAEDecoder:
             return await asyncio.to_thread(self.stage, request, value)
 
 
+LORA_SETS_PER_REPLICA = 8
+"""LoRA sets a DiT replica is routed as holding (Serve multiplexing; the LoRABank bounds the tensors)."""
+
+
+def lora_set_id(request: ResolvedRequest) -> str:
+    """The multiplexing id of a request's LoRAs ("" = none): requests with the same set are routed
+    to a DiT replica that served it recently (`DiTGroup.lora_set`)."""
+    return "+".join(sorted(f"{lora.name or lora.path}@{lora.strength}:{lora.expert or 'all'}"
+                           for lora in request.lora))
+
+
 class DiTGroup:
     """One replica = one worker group of `cfg_parallel * ulysses_degree` ranks (one GPU each, in
     the replica's placement group). See the module docstring for the progress protocol."""
+
+    @serve.multiplexed(max_num_models_per_replica=LORA_SETS_PER_REPLICA)
+    async def lora_set(self, set_id: str) -> str:
+        """Serve's record of the LoRA sets this replica holds (for routing); the workers' LoRABank
+        loads and evicts the tensors themselves."""
+        return set_id
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
@@ -193,6 +211,8 @@ class DiTGroup:
                     metrics.inc("lightx2v_orphaned_jobs_total")
                     log.warning("DiTGroup: job %s not started: its ingress replica is gone", job_id)
                     raise OrphanedJob(f"job {job_id} not started: its caller is gone")
+                if set_id := serve.get_multiplexed_model_id():
+                    await self.lora_set(set_id)
                 yield DenoiseProgress(0, request.steps)
                 # 1. Every rank gets the inputs (WorkerGroup.call stores them once for all ranks).
                 self._running = job_id

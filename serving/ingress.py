@@ -58,7 +58,7 @@ from serving.api import (OPENAI_FIELDS, OUR_FIELDS, ApiError, OpenAIJSONResponse
                          without_image)
 from serving.auth import ApiKeys, check_origin
 from serving.config import AppArgs, import_object
-from serving.deployments import DenoiseProgress, DiTGroupUnavailable, LatentsRef
+from serving.deployments import DenoiseProgress, DiTGroupUnavailable, LatentsRef, lora_set_id
 from serving.jobstore import JobNotFound, JobRecord, SQLiteJobStore, new_job_id
 from serving.limits import MULTIPART_OVERHEAD, BodyLimit
 from serving.settings import ServiceSettings
@@ -244,7 +244,10 @@ class Ingress:
         text = self._text.encode.remote(request if self.spec.text_reads_images else plain)
         image = self._image.encode.remote(request) if plan_for(request).image_encode else None
         extra = {"caller": self._caller} if self._caller is not None else {}
-        stream = self._dit.options(stream=True).denoise.remote(job_id, plain, text, image, **extra)
+        # Requests with the same LoRAs go to a DiT replica that has them (Serve model multiplexing
+        # on the LoRA set; the worker's LoRABank keeps the tensors).
+        stream = self._dit.options(stream=True, multiplexed_model_id=lora_set_id(plain)).denoise.remote(
+            job_id, plain, text, image, **extra)
         latents: LatentsRef | None = None
         try:
             async for event in stream:
