@@ -296,8 +296,10 @@ def models_main(args: argparse.Namespace) -> int:
     for spec in list_specs():
         d = spec.defaults
         tasks = "+".join(sorted(spec.tasks))
-        print(f"{spec.name:<24} {tasks:<8} {d.width}x{d.height} {d.num_frames} frames {d.fps} fps, "
-              f"{d.steps} steps  {spec.description}")
+        shape = f"{d.num_frames} frames {d.fps} fps" if spec.modality == "video" else "image"
+        experts = f", {len(spec.experts)} experts" if len(spec.experts) > 1 else ""
+        print(f"{spec.name:<40} {tasks:<8} {d.width}x{d.height} {shape}, {d.steps} steps, {d.sampler} "
+              f"shift {d.shift:g}{experts}  {spec.description}")
     return 0
 
 
