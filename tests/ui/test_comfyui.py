@@ -7,6 +7,7 @@ custom_nodes; API-format workflows posted to /prompt; execution followed over it
 - a LoRA node (a LoRA file in models/loras) on the sampler: strength 1 changes the video,
   strength 0 gives the video without it;
 - the remote sampler against the service's HTTP app (API key): the same kind of MP4;
+- ComfyUI's Cancel (/interrupt) stopping a long sampler run;
 - bad inputs: ComfyUI's 400 with node_errors (a value over its maximum, an empty prompt), and a
   request the model refuses (a size off its stride) failing with the field named;
 - the workflow drawn by ComfyUI's own frontend in headless Chromium (a screenshot, not blank;
@@ -65,9 +66,10 @@ class Comfy:
         client_id = uuid.uuid4().hex
         return self.http.post("/prompt", json={"prompt": workflow, "client_id": client_id}), client_id
 
-    def run(self, workflow: dict, timeout: float = 240) -> tuple[dict, list[dict]]:
-        """Post, follow the websocket to execution_success (or fail on execution_error); returns
-        (the prompt's history entry, the messages seen)."""
+    def run(self, workflow: dict, timeout: float = 240, on_message=None) -> tuple[dict, list[dict]]:
+        """Post, follow the websocket to execution_success; returns (the prompt's history entry,
+        the messages seen), or ({"error": ...}) / ({"interrupted": ...}) when it ended so.
+        `on_message(message)` sees each message as it comes."""
         import websocket
 
         client_id = uuid.uuid4().hex
@@ -84,12 +86,16 @@ class Comfy:
                     continue  # binary preview frames
                 message = json.loads(raw)
                 seen.append(message)
+                if on_message is not None:
+                    on_message(message)
                 data = message.get("data", {})
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue
                 if message["type"] == "execution_error":
                     return {"error": data, "says": f"{data.get('exception_message')}\n"
                                                    f"{''.join(data.get('traceback') or [])}"}, seen
+                if message["type"] == "execution_interrupted":
+                    return {"interrupted": data}, seen
                 if message["type"] == "execution_success":
                     return self.history(prompt_id, deadline), seen
             pytest.fail(f"no execution_success within {timeout} s")
@@ -229,6 +235,23 @@ def test_remote_sampler_uses_the_service(comfy, service):
     workflow["2"]["inputs"].update(api_key="not-the-key-0123456789", seed=8)
     history, _ = comfy.run(workflow)
     assert "API key" in history["error"]["exception_message"], history
+
+
+def test_comfyui_cancel_stops_the_sampler_at_the_next_step(comfy):
+    workflow = t2v_workflow(comfy, "lightx2v/long", {"steps": 1000, "num_frames": 1, "height": 16, "width": 16,
+                                                     "seed": 9})
+    asked = []
+
+    def interrupt_once_running(message):
+        data = message.get("data", {})
+        if message["type"] == "progress" and data.get("node") == "2" and data["value"] >= 2 and not asked:
+            asked.append(data["value"])
+            assert comfy.http.post("/interrupt").status_code == 200  # ComfyUI's Cancel button
+
+    result, seen = comfy.run(workflow, on_message=interrupt_once_running)
+    assert "interrupted" in result and result["interrupted"]["node_id"] == "2", result
+    done = max(m["data"]["value"] for m in seen if m["type"] == "progress" and m["data"].get("node") == "2")
+    assert asked and done < 1000, done
 
 
 def test_bad_inputs_are_refused_with_node_errors(comfy):

@@ -42,9 +42,12 @@ def test_generate_with_size_frames_seed_and_progress(page_url):
     assert seed == "7"
     frames = frames_of(video)
     assert frames.shape == (5, 48, 80, 3)
-    # The progress bar counts the denoising steps (index of length 12).
+    # The progress bar counts the denoising steps (index of length 60: enough steps for the
+    # client's polling to see some).
+    _, seen = run(client, "/generate_t2v", prompt="a red fox in the snow", num_frames=5, height=48, width=80,
+                  steps=60, seed="7")
     steps = [(u.index, u.length) for u in seen if u.desc == "denoising"]
-    assert steps and all(length == 12 for _, length in steps) and max(i for i, _ in steps) >= 1, seen
+    assert steps and all(length == 60 for _, length in steps) and max(i for i, _ in steps) >= 1, seen
 
     # The same seed gives the same video; an empty seed draws one, shown, and reusing it repeats it.
     (again, _, _), _ = run(client, "/generate_t2v", prompt="a red fox in the snow", num_frames=5,
