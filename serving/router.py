@@ -164,3 +164,15 @@ def build_multi_app(models: list[dict[str, Any] | AppArgs],
     router_options = dict(deployment_options(args[0])["Ingress"], num_replicas=settings.ingress_replicas)
     router = serve.deployment(serve.ingress()(Router), name="Router").options(**router_options)
     return router.bind(plains, ingresses, plain_settings)
+
+
+def build_service(args: dict[str, Any]) -> Application:
+    """serve_config.yaml's builder for several models (`import_path: serving.router:build_service`):
+    `args: {models: [{model: A, data_dir: ..., ...}, {model: B, ...}], service: {...}}`, each
+    entry `build_app`'s arguments."""
+    if not isinstance(args.get("models"), list) or not args["models"]:
+        raise ValueError("models: a non-empty list of app arguments ({model: ..., data_dir: ...}) is required")
+    unknown = sorted(set(args) - {"models", "service"})
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; build_service takes models and service")
+    return build_multi_app(args["models"], args.get("service"))

@@ -135,3 +135,15 @@ def test_serve_takes_several_models(tmp_path):
     with pytest.raises(ValueError, match="model: 2 models given"):
         app_args_from(ns)
     assert every_app_args(build_parser().parse_args(["serve"]))[0].model == "tiny-wan"
+
+
+def test_several_models_share_one_data_dir_and_serve_config_builder_checks_its_arguments(tmp_path):
+    from serving.router import build_multi_app, build_service
+
+    with pytest.raises(ValueError, match="data_dir: the models of one service share one job store"):
+        build_multi_app([{"model": "tiny-qwen-image", "data_dir": str(tmp_path / "a")},
+                         {"model": "tiny-qwen-image-edit", "data_dir": str(tmp_path / "b")}])
+    with pytest.raises(ValueError, match="models: a non-empty list"):
+        build_service({"models": []})
+    with pytest.raises(ValueError, match="unknown argument"):
+        build_service({"models": [{"model": "tiny-qwen-image"}], "model": "x"})
