@@ -218,6 +218,8 @@ def form_for(spec: ModelSpec, task: str, accepted: Iterable[str] | None = None) 
         if field.choices is not None:  # the values this model takes (asked of the request type)
             field = dataclasses.replace(field, choices=tuple(c for c in field.choices if allows(spec, task, name, c)))
         out.append(field)
+    if any(f.kind == "images" for f in out):  # a model of several input images: one input for them all
+        out = [f for f in out if f.kind != "image"]
     return out
 
 
@@ -267,11 +269,16 @@ def _field(spec: ModelSpec | None, name: str, kind: Kind, default: Any, info: st
 def request_values(form: list[FormField], values: dict[str, Any]) -> dict[str, Any]:
     """Form values -> request fields: a random seed (empty, None or `RANDOM_SEED`) and optional
     inputs at `OFF` left unset, seeds given as text parsed, whole numbers as int, cleared number
-    inputs left unset (the model's default)."""
+    inputs left unset (the model's default). Values equal to the form's default are left unset
+    too: the model decides them when the request runs, as it would for the library (a dynamic
+    shift from the size, an image-to-video size from the image, the second expert's guidance
+    following the first's)."""
     by_name = {f.name: f for f in form}
     out: dict[str, Any] = {}
     for name, value in values.items():
         f = by_name[name]
+        if name != "prompt" and f.default is not None and _same(value, f.default):
+            continue
         if f.kind == "seed" and isinstance(value, str):
             value = value.strip()
             try:
@@ -294,3 +301,8 @@ def request_values(form: list[FormField], values: dict[str, Any]) -> dict[str, A
             value = int(value)
         out[name] = value
     return out
+
+
+def _same(value: Any, default: Any) -> bool:
+    """A plain form value equal to the default (images and lists never are)."""
+    return isinstance(value, (str, int, float, bool)) and value == default

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from engine.registry import get_spec
+from engine.registry import get_spec, list_specs
 from lightx2v.web.forms import (NOT_ON_FORMS, OFF, RANDOM_SEED, form_for, model_defaults, request_fields,
                                 request_values, tasks_of)
 from stages.request import MAX_FRAMES, MAX_SEED, MAX_SIDE, GenerationRequest
@@ -92,21 +92,34 @@ def test_remote_service_fields_limit_the_form():
     assert names(form) == ["prompt", "image", "height", "width", "seed"]
 
 
-def test_default_form_values_resolve_to_the_model_defaults():
+def test_default_form_values_leave_the_model_its_defaults():
+    """Values left at the form's defaults are not sent: the model decides them when it runs (a
+    dynamic shift from the size, the second expert's guidance following the first's)."""
     spec = get_spec("tiny-wan2.2-a14b")
     form = form_for(spec, "t2v")
-    values = request_values(form, {f.name: f.default for f in form} | {"prompt": "a fox"})
-    assert "seed" not in values and "target_fps" not in values  # random seed, no interpolation
-    resolved = GenerationRequest(**values).resolve(spec)
+    defaults = {f.name: f.default for f in form}
+    assert request_values(form, defaults | {"prompt": "a fox"}) == {"prompt": "a fox"}
+    changed = request_values(form, defaults | {"prompt": "a fox", "guidance_scale": 2.0, "steps": 3.0})
+    assert changed == {"prompt": "a fox", "guidance_scale": 2.0, "steps": 3}
+    resolved = GenerationRequest(**changed).resolve(spec)
     expected = model_defaults(spec, "t2v")
-    for name, value in values.items():
-        if name != "prompt":
-            assert getattr(resolved, name if name != "num_frames" else "kept_frames") == expected[name], name
+    assert (resolved.height, resolved.width, resolved.shift) == (expected["height"], expected["width"], expected["shift"])
+    # The second expert's guidance follows the first when left alone, as in the library.
+    assert resolved.guidance_scale_2 == GenerationRequest(prompt="x", guidance_scale=2.0).resolve(spec).guidance_scale_2
+
+
+def test_several_image_models_take_them_in_one_input():
+    spec = get_spec("tiny-qwen-image-edit") if "tiny-qwen-image-edit" in {s.name for s in list_specs()} else None
+    if spec is None or spec.max_images < 2:
+        pytest.skip("no registered model takes several input images")
+    form = names(form_for(spec, "edit"))
+    assert "images" in form and "image" not in form
 
 
 def test_request_values_parse_seeds_and_whole_numbers():
     form = form_for(get_spec("tiny-wan"), "t2v")
     assert request_values(form, {"seed": "7", "steps": 3.0, "target_fps": 16}) == {"seed": 7, "steps": 3, "target_fps": 16}
+    assert request_values(form, {"seed": "0"}) == {"seed": 0}
     assert request_values(form, {"seed": str(MAX_SEED)}) == {"seed": MAX_SEED}  # exact: text, not a float
     for random_seed in ("", " ", None, RANDOM_SEED, str(RANDOM_SEED)):
         assert request_values(form, {"seed": random_seed}) == {}

@@ -185,3 +185,35 @@ def test_page_offers_loras_by_name_only_with_a_lora_folder(page_url, tmp_path):
     assert np.abs(styled - plain).mean() > 5  # the LoRA was applied, by name
     with pytest.raises(ValueError, match="lora"):
         backend.start({"prompt": "a fox", "lora": [{"path": str(tmp_path / "loras" / "tiny_style.safetensors")}]})
+
+
+# ----------------------------------------------------------------------------- image models
+
+
+@pytest.fixture(scope="module")
+def image_page(ui_out):
+    from engine.registry import list_specs
+    from lightx2v.web.backends import load_local
+    from lightx2v.web.ui import launch
+    from ui_service import free_port
+
+    if "tiny-qwen-image" not in {s.name for s in list_specs()}:
+        pytest.skip("no tiny image model is registered")
+    backend = load_local("tiny-qwen-image", "cpu", "float32", out_dir=ui_out / "image")
+    blocks, url = launch(backend, port=free_port(), block=False)
+    yield url.rstrip("/")
+    blocks.close()
+
+
+def test_image_model_page_has_a_text_to_image_tab_and_shows_the_image(image_page):
+    from PIL import Image
+
+    client = Client(image_page, verbose=False)
+    endpoints = client.view_api(return_format="dict")["named_endpoints"]
+    assert "/generate_t2i" in endpoints and "/generate_t2v" not in endpoints
+    names = [p["parameter_name"] for p in endpoints["/generate_t2i"]["parameters"]]
+    assert "num_frames" not in names and "fps" not in names and "height" in names
+    image, seed, status = client.predict(prompt="a small red house", height=64, width=96, steps=2, seed="4",
+                                         api_name="/generate_t2i")
+    assert "Done" in status and "64" in status and "frames" not in status, status
+    assert seed == "4" and Image.open(image).size == (96, 64)
