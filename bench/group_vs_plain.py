@@ -35,7 +35,7 @@ def emit(record: dict) -> None:
 
 def write_checkpoint(directory: str, size: str, device: str) -> str:
     """A diffusers-layout folder with only `transformer/` (random weights, default init, bf16)."""
-    from engine.models.wan.tiny import save_diffusers_module
+    from engine.tiny import save_diffusers_module
     from engine.models.wan.transformer import WanDiTConfig, WanTransformer
 
     config = WanDiTConfig(**SIZES[size])

@@ -22,15 +22,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 
 import torch
 from torch import nn
 
+from engine.tiny import MARKER, materialize, randomize_, save_diffusers_module
+
 NAME = "tiny-hunyuanvideo-1.5"
 VERSION = f"{NAME}-v1"
-MARKER = "lightx2v_tiny.json"
 SEED = 0
 
 TINY_DIT = dict(
@@ -156,30 +155,6 @@ def make_byt5_tokenizer(with_glyph_tokens: bool = True):
 # --------------------------------------------------------------------------- weights
 
 
-def randomize_(module: nn.Module, seed: int = SEED, scale: float = 1.0, qk_gain: float = 1.0) -> nn.Module:
-    """Deterministic weights depending only on parameter names and shapes: biases 0.02 N(0, 1);
-    1-D scales (norm weights, `gamma`) 1 + 0.1 N(0, 1), the DiT's q/k norms times `qk_gain`;
-    embedding tables N(0, 1); other weights scale * N(0, 1) / sqrt(fan_in)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            parts = name.split(".")
-            if parts[-1] == "bias":
-                value = 0.02 * noise
-            elif p.ndim == 1 or parts[-1] == "gamma":
-                value = 1.0 + 0.1 * noise
-                if any(n in parts for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
-                    value = qk_gain * value
-            elif any("embed" in n or n == "shared" for n in parts[:-1]) and p.ndim == 2 and \
-                    isinstance(module.get_submodule(".".join(parts[:-1])), nn.Embedding):
-                value = noise
-            else:
-                value = scale * noise / max(1, p[0].numel()) ** 0.5
-            p.copy_(value.to(p.dtype))
-    return module
-
-
 def dit_config(**changes):
     from engine.models.hunyuan_video15.transformer import HunyuanVideo15DiTConfig
 
@@ -234,16 +209,6 @@ def fingerprint(dit_changes: dict | None = None) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _save_diffusers(module: nn.Module, directory: str, config: dict, class_name: str) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
-              os.path.join(directory, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}, f, indent=2)
-
-
 def _quiet_save(model: nn.Module, directory: str) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -268,10 +233,10 @@ def write_tiny(directory: str, qk_gain: float = 1.0, scheduler: dict | None = No
     path = lambda *parts: os.path.join(directory, *parts)  # noqa: E731
     # 1. DiT and VAE: our modules, deterministic weights
     dit_cfg = dit_config(**(dit or {}))
-    _save_diffusers(randomize_(HunyuanVideo15DiT(dit_cfg), SEED, qk_gain=qk_gain), path("transformer"),
+    save_diffusers_module(randomize_(HunyuanVideo15DiT(dit_cfg), SEED, qk_gain=qk_gain), path("transformer"),
                     dit_cfg.to_dict(), "HunyuanVideo15Transformer3DModel")
     vae_cfg = vae_config()
-    _save_diffusers(randomize_(HunyuanVideo15VAE(vae_cfg), SEED + 1), path("vae"), vae_cfg.to_dict(),
+    save_diffusers_module(randomize_(HunyuanVideo15VAE(vae_cfg), SEED + 1), path("vae"), vae_cfg.to_dict(),
                     "AutoencoderKLHunyuanVideo15")
     # 2. encoders, tokenizers, image processor (saved by transformers)
     qwen_tok, byt5_tok = make_qwen_tokenizer(), make_byt5_tokenizer()
@@ -295,45 +260,9 @@ def write_tiny(directory: str, qk_gain: float = 1.0, scheduler: dict | None = No
     return directory
 
 
-def cache_root() -> str:
-    return os.environ.get("LIGHTX2V_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightx2v")
-
-
-def _is_current(directory: str, expected: str) -> bool:
-    try:
-        with open(os.path.join(directory, MARKER)) as f:
-            return json.load(f).get("fingerprint") == expected
-    except (OSError, ValueError):
-        return False
-
-
 def materialize_tiny(root: str | None = None) -> str:
     """The folder of tiny-hunyuanvideo-1.5, generated on first use (atomically). Returns its path."""
-    root = root or cache_root()
-    final = os.path.join(root, VERSION)
-    expected = fingerprint()
-    if _is_current(final, expected):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{VERSION}-", dir=root)
-    try:
-        write_tiny(tmp)
-        if os.path.isdir(final) and not _is_current(final, expected):
-            stale = os.path.join(root, f".{VERSION}-stale-{uuid.uuid4().hex[:8]}")
-            try:
-                os.rename(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except OSError:
-                pass  # another process replaced it first
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_current(final, expected):  # another process won the race with a stale one
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return materialize(VERSION, fingerprint(), write_tiny, root)
 
 
 # --------------------------------------------------------------------------- official layout

@@ -21,9 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +28,9 @@ import torch
 from engine.models.qwen_image.pipelines import (
     EDIT_PLUS_PIPELINE, EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE, PICTURE_PROMPT, PIPELINES, T2I_PIPELINE, T2I_TEMPLATE,
 )
-from engine.models.wan.tiny import cache_root, randomize_, save_diffusers_module
+from engine.tiny import MARKER, materialize, randomize_, save_diffusers_module
 
 VERSION = "v1"
-MARKER = "lightx2v_tiny.json"
 SEED = 0
 
 TINY_DIT = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
@@ -246,39 +242,6 @@ def write_tiny(directory: str, name: "str | TinyVariant" = "tiny-qwen-image", qk
     return directory
 
 
-def _is_current(directory: str, expected: str) -> bool:
-    try:
-        with open(os.path.join(directory, MARKER)) as f:
-            return json.load(f).get("fingerprint") == expected
-    except (OSError, ValueError):
-        return False
-
-
 def materialize_tiny(name: str, root: str | None = None) -> str:
     """The folder of the built-in tiny checkpoint `name`, generated on first use (atomically)."""
-    version = VARIANTS[name].version
-    root = root or cache_root()
-    final = os.path.join(root, version)
-    expected = fingerprint(name)
-    if _is_current(final, expected):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{version}-", dir=root)
-    try:
-        write_tiny(tmp, name)
-        if os.path.isdir(final) and not _is_current(final, expected):
-            stale = os.path.join(root, f".{version}-stale-{uuid.uuid4().hex[:8]}")
-            try:
-                os.rename(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except OSError:
-                pass  # another process replaced it first
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_current(final, expected):  # another process won the race with a stale one
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return materialize(VARIANTS[name].version, fingerprint(name), lambda folder: write_tiny(folder, name), root)

@@ -78,7 +78,7 @@ def _write_atomic(directory: str, name: str, write) -> None:
 
 def materialize_tiny_rife(root: str | None = None) -> str:
     """The folder holding the tiny `flownet.pkl`, written on first use. Returns its path."""
-    from engine.models.wan.tiny import cache_root
+    from engine.tiny import cache_root
 
     directory = os.path.join(root or cache_root(), VERSION)
     expected = fingerprint()

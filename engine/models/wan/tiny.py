@@ -8,10 +8,8 @@ runs anywhere, in seconds, on a CPU. Each is deterministic (fixed seeds), a few 
                       no CLIP (as the A14B I2V; T2V runs with zero conditioning), 2.1 VAE
     tiny-wan2.2-ti2v  Wan2.2 TI2V: 48 channels, per-token timesteps, a tiny Wan2.2 VAE
 
-Written once into `$LIGHTX2V_CACHE/<name>-v1` (default `~/.cache/lightx2v/...`) through a
-temporary folder and an atomic rename, so concurrent processes never see a half-written
-checkpoint. A `lightx2v_tiny.json` in the folder records a fingerprint of the generator and of the
-module parameter layouts; a stale folder (the modules changed) is regenerated.
+Generated once into `$LIGHTX2V_CACHE/<name>-v1` (tiny-wan: `tiny-wan-v1`) by `engine.tiny.materialize`
+(atomic; regenerated when the fingerprint of the generator and module layouts changes).
 """
 from __future__ import annotations
 
@@ -19,16 +17,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+
+from engine.tiny import MARKER, cache_root, materialize, randomize_, save_diffusers_module  # noqa: F401
 
 VERSION = "tiny-wan-v1"
 """Cache folder of tiny-wan (the others: `<name>-v1`)."""
-MARKER = "lightx2v_tiny.json"
 SEED = 0
 TEXT_LEN = 512
 
@@ -165,28 +161,6 @@ def vae_config(name: "str | TinyVariant" = "tiny-wan"):
     return tiny_vae22_config() if fields is None else WanVAEConfig(**fields)
 
 
-def randomize_(module: nn.Module, seed: int = SEED, scale: float = 1.0, qk_gain: float = 1.0) -> nn.Module:
-    """Deterministic random weights that depend only on parameter names and shapes:
-    biases 0.02 * N(0, 1); norm scales (1-D, `gamma`) 1 + 0.1 * N(0, 1), those of the attention
-    q/k norms times `qk_gain` (> 1 sharpens attention, so that which tokens are attended matters:
-    the parity tests use it); other weights scale * N(0, 1) / sqrt(fan_in). Outputs are neither
-    zero nor exploding."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if name.endswith("bias"):
-                value = 0.02 * noise
-            elif p.ndim == 1 or name.endswith("gamma"):
-                value = 1.0 + 0.1 * noise
-                if ".norm_q." in f".{name}" or ".norm_k." in f".{name}":
-                    value = qk_gain * value
-            else:
-                value = scale * noise / max(1, p[0].numel()) ** 0.5
-            p.copy_(value.to(p.dtype))
-    return module
-
-
 def _hf_models():
     """Tiny umT5 encoder and CLIP vision tower (transformers' own init, seeded)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
@@ -216,20 +190,6 @@ def fingerprint(name: "str | TinyVariant" = "tiny-wan") -> str:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def save_diffusers_module(module: nn.Module, directory: str, config: dict, class_name: str,
-                          dtype: torch.dtype | None = None) -> None:
-    """`module`'s weights (floating ones cast to `dtype` when given) and its diffusers
-    `config.json` into `directory`, as diffusers' `save_pretrained` lays them out."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
-             for k, v in module.state_dict().items()}
-    save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"_class_name": class_name, "_diffusers_version": "0.42.1", **config}, f, indent=2)
 
 
 def write_tiny(directory: str, name: "str | TinyVariant" = "tiny-wan", qk_gain: float = 1.0,
@@ -286,48 +246,9 @@ def write_tiny_wan(directory: str) -> None:
     write_tiny(directory, "tiny-wan")
 
 
-def cache_root() -> str:
-    return os.environ.get("LIGHTX2V_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lightx2v")
-
-
-def _is_current(directory: str, expected: str) -> bool:
-    try:
-        with open(os.path.join(directory, MARKER)) as f:
-            return json.load(f).get("fingerprint") == expected
-    except (OSError, ValueError):
-        return False
-
-
 def materialize_tiny(name: str, root: str | None = None) -> str:
     """The folder of the built-in tiny checkpoint `name`, generated on first use (atomically)."""
-    version = VARIANTS[name].version
-    root = root or cache_root()
-    final = os.path.join(root, version)
-    expected = fingerprint(name)
-    if _is_current(final, expected):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{version}-", dir=root)
-    try:
-        write_tiny(tmp, name)
-        if os.path.isdir(final) and not _is_current(final, expected):
-            # stale (older generator or module layout): move it aside, then drop it
-            stale = os.path.join(root, f".{version}-stale-{uuid.uuid4().hex[:8]}")
-            try:
-                os.rename(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            except OSError:
-                pass  # another process replaced it first
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # another process won the race; use theirs if it is current
-            if not _is_current(final, expected):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return materialize(VARIANTS[name].version, fingerprint(name), lambda folder: write_tiny(folder, name), root)
 
 
 def materialize_tiny_wan(root: str | None = None) -> str:
