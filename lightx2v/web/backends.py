@@ -220,7 +220,7 @@ class RemoteBackend(Backend):
     poll_s = 0.25
 
     def __init__(self, url: str, api_key: str | None = None, out_dir: str | os.PathLike | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, model: str | None = None) -> None:
         import httpx
 
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -228,10 +228,25 @@ class RemoteBackend(Backend):
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, trust_env=False)
         self.out_dir = _out_dir(out_dir)
-        model = self._json("GET", "/v1/models")["data"][0]
+        model = self._pick_model(self._json("GET", "/v1/models")["data"], model)
         self.name = model["id"]
         self.spec = spec_from_service(model)
         self.accepted = frozenset(self._accepted_fields())
+
+    def _pick_model(self, served: list[dict[str, Any]], wanted: str | None) -> dict[str, Any]:
+        """The served model the page runs: the one named, else the first video model. The page
+        drives the Videos API (/v1/videos): image models are not offered in server mode."""
+        names = ", ".join(m["id"] for m in served)
+        if wanted is not None:
+            chosen = [m for m in served if m["id"].casefold() == wanted.casefold()]
+            if not chosen:
+                raise ValueError(f"model {wanted!r} is not served at {self.url}; it serves {names}")
+        else:
+            chosen = [m for m in served if _modality(m) == "video"] or served
+        if _modality(chosen[0]) != "video":
+            raise ValueError(f"{chosen[0]['id']} is an image model: the page's server mode drives the Videos API; "
+                             f"run the page on the model itself (--model) instead")
+        return chosen[0]
 
     # -- HTTP
     def _call(self, method: str, path: str, **kwargs: Any):
@@ -289,7 +304,7 @@ class RemoteBackend(Backend):
         input_reference.image_url (a PNG data URL), LoRAs by name (the service takes the names
         of the files in its lora_dir, never paths)."""
         spellings = api_spellings()
-        body = {k: v for k, v in fields.items() if k not in spellings or spellings[k] == k}
+        body = {"model": self.name, **{k: v for k, v in fields.items() if k not in spellings or spellings[k] == k}}
         unsent = sorted(k for k in fields if k in spellings and spellings[k] is None)
         if unsent:
             raise ValueError(f"{', '.join(unsent)}: not accepted by the service's API")
@@ -356,6 +371,12 @@ class RemoteBackend(Backend):
 
     def close(self) -> None:
         self.http.close()
+
+
+def _modality(model: dict[str, Any]) -> str:
+    """A /v1/models entry's modality (from its tasks: t2i / edit are image tasks)."""
+    tasks = set(model.get("tasks") or ["t2v"])
+    return "image" if tasks <= {"t2i", "edit"} else "video"
 
 
 def _png_data_url(image: Any) -> str:

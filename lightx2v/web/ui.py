@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "alias, or Hugging Face hub id (default tiny-wan, random weights)")
     source.add_argument("--server", metavar="URL", default=None,
                         help="send the jobs to a running `lightx2v serve` at URL (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--server-model", metavar="NAME", default=None,
+                   help="which of the service's models the page runs (--server; default: the first video model)")
     p.add_argument("--api-key", default=None,
                    help=f"the service's API key (--server; default ${API_KEY_ENV}), sent as Authorization: Bearer")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host of the page (0.0.0.0 to listen on all)")
@@ -373,9 +375,9 @@ def backend_from_args(args: argparse.Namespace) -> Backend:
                              "are `lightx2v serve`'s flags")
         from lightx2v.web.backends import RemoteBackend
 
-        return RemoteBackend(args.server, api_key=args.api_key, out_dir=args.output_dir)
-    if args.api_key:
-        raise ValueError("--api-key is for --server")
+        return RemoteBackend(args.server, api_key=args.api_key, out_dir=args.output_dir, model=args.server_model)
+    if args.api_key or args.server_model:
+        raise ValueError("--api-key and --server-model are for --server")
     import dataclasses
 
     import torch

@@ -156,6 +156,9 @@ def test_server_mode_needs_the_api_key(service, capsys):
     assert "give the service's API key" in capsys.readouterr().err
     assert main(["--server", service, "--api-key", API_KEY, "--device", "cpu"]) == 2
     assert "engine options (device) are `lightx2v serve`'s flags" in capsys.readouterr().err
+    assert main(["--server", service, "--api-key", API_KEY, "--server-model", "wan2.1-t2v-14b"]) == 2
+    assert "model 'wan2.1-t2v-14b' is not served at" in capsys.readouterr().err
+    assert RemoteBackend(service, api_key=API_KEY, model="TINY-WAN").name == "tiny-wan"
 
 
 # ----------------------------------------------------------------------------- LoRAs
