@@ -57,7 +57,8 @@ def request_input(f: FormField) -> io.Input:
     """The ComfyUI input of one request field."""
     tip = _tooltip(f)
     if f.kind in ("image", "images"):
-        return io.Image.Input(f.name, optional=True, tooltip=tip + (" A batch: each image one input." if f.kind == "images" else ""))
+        several = " A batch: each image one input." if f.kind == "images" else ""
+        return io.Image.Input(f.name, optional=True, tooltip=tip + several)
     if f.kind == "seed":  # ComfyUI's convention: a concrete seed, changed after each run if asked
         return io.Int.Input(f.name, default=0, min=0, max=int(f.maximum), control_after_generate=True, tooltip=tip)
     if f.kind == "int":
@@ -149,7 +150,8 @@ def _option_input(f) -> io.Input | None:
     if annotation is float:
         return io.Float.Input(f.name, default=f.default, tooltip=tip)
     if annotation is str:
-        return io.String.Input(f.name, default=f.default or "", tooltip=tip + (" Empty: none." if f.default is None else ""))
+        return io.String.Input(f.name, default=f.default or "",
+                               tooltip=tip + (" Empty: none." if f.default is None else ""))
     return None  # a type no widget fits: the option keeps its default
 
 
@@ -168,7 +170,8 @@ class LightX2VModelLoader(io.ComfyNode):
                                             "folder, or a Hugging Face hub id."),
                     *options,
                     io.Boolean.Input("download", default=False,
-                                     tooltip="Download the model from the Hugging Face Hub when it is not found locally."),
+                                     tooltip="Download the model from the Hugging Face Hub when it is not "
+                                             "found locally."),
                     LIGHTX2V_LORA.Input("lora", optional=True, tooltip="LoRAs merged into the weights at load.")],
             outputs=[LIGHTX2V_MODEL.Output(display_name="model")],
         )
@@ -279,7 +282,8 @@ class LightX2VSampler(io.ComfyNode):
         from stages.request import GenerationRequest
 
         try:
-            request = GenerationRequest(**request_fields(inputs, lora, remote=False), output_type="np").resolve(model.spec)
+            fields = request_fields(inputs, lora, remote=False)
+            request = GenerationRequest(**fields, output_type="np").resolve(model.spec)
         except ValueError as e:
             raise _request_error(e) from None
         bar = comfy.utils.ProgressBar(request.steps)
@@ -325,7 +329,8 @@ class LightX2VRemoteSampler(io.ComfyNode):
         return LightX2VSampler.validate_inputs(prompt=prompt)
 
     @classmethod
-    def execute(cls, server_url: str, api_key: str = "", lora: list[dict] | None = None, **inputs: Any) -> io.NodeOutput:
+    def execute(cls, server_url: str, api_key: str = "", lora: list[dict] | None = None,
+                **inputs: Any) -> io.NodeOutput:
         import comfy.utils
 
         from lightx2v.web.backends import RemoteBackend

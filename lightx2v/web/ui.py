@@ -371,7 +371,8 @@ def backend_from_args(args: argparse.Namespace) -> Backend:
     flat = given(args, option_arguments(option_fields(EngineOptions)))
     if args.server:
         if flat or args.download or args.revision:
-            raise ValueError(f"--server: the service runs the model; engine options ({', '.join(sorted(flat)) or 'download'}) "
+            given_here = ", ".join(sorted(flat)) or "download"
+            raise ValueError(f"--server: the service runs the model; engine options ({given_here}) "
                              "are `lightx2v serve`'s flags")
         from lightx2v.web.backends import RemoteBackend
 

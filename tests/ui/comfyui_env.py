@@ -22,7 +22,6 @@ Idempotent: a complete build (its stamp) is left alone. On failure the reason is
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -300,12 +300,13 @@ def test_comfyui_frontend_draws_the_workflow(comfy, tmp_path):
         # Like a person would: close the announcement banner, then fit the graph to the view (".").
         driver.execute_script(
             "for (const b of document.querySelectorAll('button')) {"
-            "  const bar = b.closest('div'); if (bar && /Introducing/.test(bar.innerText) && !b.innerText.trim()) b.click(); }")
+            "  const bar = b.closest('div');"
+            "  if (bar && /Introducing/.test(bar.innerText) && !b.innerText.trim()) b.click(); }")
         from selenium.webdriver.common.action_chains import ActionChains
 
         canvas = driver.find_element("css selector", "#graph-canvas")
-        ActionChains(driver).move_to_element_with_offset(canvas, -canvas.size["width"] // 2 + 80,
-                                                         canvas.size["height"] // 2 - 40).click().send_keys(".").perform()
+        corner = (-canvas.size["width"] // 2 + 80, canvas.size["height"] // 2 - 40)  # an empty spot
+        ActionChains(driver).move_to_element_with_offset(canvas, *corner).click().send_keys(".").perform()
         time.sleep(1.0)
         types = driver.execute_script("return window.app.graph._nodes.map(n => n.type)")
         assert {"LightX2VModelLoader", "LightX2VSampler", "CreateVideo", "SaveVideo"} <= set(types), types

@@ -34,8 +34,9 @@ def test_t2v_form_of_tiny_wan_follows_the_request_and_the_spec():
     expected = [n for n in GenerationRequest.model_fields if n not in NOT_ON_FORMS
                 and n not in ("image", "images", "guidance_scale_2")]
     assert list(form) == expected
-    assert (form["num_frames"].default, form["height"].default, form["width"].default) == (d.num_frames, d.height, d.width)
-    assert (form["steps"].default, form["guidance_scale"].default, form["shift"].default) == (d.steps, d.guidance_scale, d.shift)
+    defaults = {name: f.default for name, f in form.items()}
+    for name in ("num_frames", "height", "width", "steps", "guidance_scale", "shift"):
+        assert defaults[name] == getattr(d, name), name
     assert form["sampler"].kind == "choice" and form["sampler"].default == d.sampler
     assert set(form["sampler"].choices) >= {"unipc", "euler", "euler_a", "dpmpp_2m"}
     assert (form["height"].minimum, form["height"].maximum, form["height"].step) == (16, MAX_SIDE, 16)
@@ -103,7 +104,8 @@ def test_default_form_values_leave_the_model_its_defaults():
     assert changed == {"prompt": "a fox", "guidance_scale": 2.0, "steps": 3}
     resolved = GenerationRequest(**changed).resolve(spec)
     expected = model_defaults(spec, "t2v")
-    assert (resolved.height, resolved.width, resolved.shift) == (expected["height"], expected["width"], expected["shift"])
+    for name in ("height", "width", "shift"):
+        assert getattr(resolved, name) == expected[name], name
     # The second expert's guidance follows the first when left alone, as in the library.
     assert resolved.guidance_scale_2 == GenerationRequest(prompt="x", guidance_scale=2.0).resolve(spec).guidance_scale_2
 
@@ -118,7 +120,8 @@ def test_several_image_models_take_them_in_one_input():
 
 def test_request_values_parse_seeds_and_whole_numbers():
     form = form_for(get_spec("tiny-wan"), "t2v")
-    assert request_values(form, {"seed": "7", "steps": 3.0, "target_fps": 16}) == {"seed": 7, "steps": 3, "target_fps": 16}
+    values = request_values(form, {"seed": "7", "steps": 3.0, "target_fps": 16})
+    assert values == {"seed": 7, "steps": 3, "target_fps": 16}
     assert request_values(form, {"seed": "0"}) == {"seed": 0}
     assert request_values(form, {"seed": str(MAX_SEED)}) == {"seed": MAX_SEED}  # exact: text, not a float
     for random_seed in ("", " ", None, RANDOM_SEED, str(RANDOM_SEED)):
