@@ -4,6 +4,7 @@ custom_nodes; API-format workflows posted to /prompt; execution followed over it
 
 - loader -> sampler -> CreateVideo -> SaveVideo on tiny-wan: execution_success, the progress
   events of the denoising steps, the saved MP4's frame count, size and fps;
+- an IMAGE input making it image-to-video (the size from the image's aspect ratio);
 - a LoRA node (a LoRA file in models/loras) on the sampler: strength 1 changes the video,
   strength 0 gives the video without it;
 - the remote sampler against the service's HTTP app (API key): the same kind of MP4;
@@ -202,6 +203,25 @@ def test_t2v_workflow_saves_the_asked_video(comfy):
     # ComfyUI's progress bar followed the sampler's denoising steps.
     steps = [m["data"] for m in seen if m["type"] == "progress" and m["data"].get("node") == "2"]
     assert steps and {s["max"] for s in steps} == {6} and max(s["value"] for s in steps) == 6, steps
+
+
+def test_image_input_makes_it_image_to_video_at_the_image_aspect(comfy):
+    """An IMAGE wired to the sampler (the core EmptyImage, 96x64) with the size left unset: the
+    video follows the image's aspect ratio at the model's default area, as the library does."""
+    from PIL import Image
+
+    from engine.registry import get_spec
+    from stages.request import image_video_size
+
+    workflow = t2v_workflow(comfy, "lightx2v/i2v", {"height": 0, "width": 0, "steps": 2})
+    workflow["5"] = {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 64, "batch_size": 1,
+                                                            "color": 0xC83232}}
+    workflow["2"]["inputs"]["image"] = ["5", 0]
+    history, _ = comfy.run(workflow)
+    assert "error" not in history, history.get("says")
+    height, width = image_video_size(get_spec("tiny-wan"), Image.new("RGB", (96, 64)))
+    assert read_mp4(str(comfy.saved_video(history, "4"))).frames.shape == (5, height, width, 3)
+    assert (height, width) != (64, 64)  # not the text-to-video default: the image decided it
 
 
 def test_lora_node_changes_the_video_and_strength_zero_does_not(comfy):
