@@ -11,9 +11,13 @@ import pytest
 
 from stages.video import read_mp4
 
-pytest.importorskip("gradio_client", reason="the ui extras are not installed (pip install -e '.[ui]')")
+try:
+    from gradio_client import Client, handle_file
+except ImportError:
+    from ui_service import did_not_run
 
-from gradio_client import Client, handle_file  # noqa: E402
+    did_not_run("THE PAGE TESTS (tests/ui/test_page.py)", "gradio_client is not installed: pip install -e '.[ui]' "
+                                                          "(make test does)")
 
 API_KEY = "ui-test-key-0123456789abcdef"  # tests/ui/conftest.py
 
