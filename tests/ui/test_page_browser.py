@@ -156,10 +156,12 @@ def test_page_in_chromium(page_command, browser, tmp_path):
     for elem_id, value in (("t2v-num-frames", 5), ("t2v-height", 48), ("t2v-width", 80), ("t2v-steps", 30)):
         set_value(driver, f"#{elem_id} input[type=number]", value)
     # Every text the result area shows while it runs (the progress bar's), recorded by the page.
+    # (The whole page is watched: Gradio may render the result area anew.)
     driver.execute_script(
-        "window.seenProgress = []; const area = document.querySelector('#t2v-result');"
-        "new MutationObserver(() => window.seenProgress.push(area.innerText))"
-        "  .observe(area, {subtree: true, childList: true, characterData: true});")
+        "window.seenProgress = [];"
+        "new MutationObserver(() => { const area = document.querySelector('#t2v-result');"
+        "                             if (area) window.seenProgress.push(area.innerText); })"
+        "  .observe(document.body, {subtree: true, childList: true, characterData: true});")
     css(driver, "#t2v-generate").click()
 
     # 2. The progress bar counts the denoising steps, then the video element plays the result.
