@@ -94,3 +94,24 @@ def test_build_app_from_yaml_on_a_cpu_copy(tmp_path):
     for stage in ("text_encoder", "image_encoder", "decoder"):
         args[stage] = {**args[stage], "num_gpus": 0}
     assert isinstance(build_app(args), Application)
+
+
+def test_two_model_config_is_valid_and_fits_the_8_gpu_node():
+    """deploy/serve_config_video_and_image.yaml: Serve's schema, every model's AppArgs, one shared
+    job store, and the GPUs every deployment asks for (at its maximum replicas) fit 8."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve_config_video_and_image.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "serving.router:build_service"
+    models = [AppArgs.model_validate(m) for m in app["args"]["models"]]
+    assert len({m.data_dir for m in models}) == 1
+    gpus = 0.0
+    for m in models:
+        gpus += m.dit.num_replicas * m.world_size * m.dit.gpus_per_worker
+        gpus += m.text_encoder.num_replicas * m.text_encoder.num_gpus
+        gpus += m.image_encoder.num_replicas * m.image_encoder.num_gpus
+        gpus += m.decoder.max_replicas * m.decoder.num_gpus
+    whole = sum(m.dit.num_replicas * m.world_size for m in models)
+    assert whole <= 8 and gpus <= 8.0 + 1e-9
