@@ -13,7 +13,7 @@ from typing import Mapping
 
 from torch import nn
 
-from engine.dit import num_heads
+from engine.dit import num_heads, sequence_attention_slots
 from engine.guidance import CFGPredictor, CombineFn, GuidedPredictor, combine
 from engine.options import EngineOptions
 from engine.parallel.cfg import CFGParallelPredictor
@@ -25,7 +25,13 @@ __all__ = ["CFGParallelPredictor", "ParallelMesh", "SubGroup", "apply_parallel",
 
 
 def check_parallel_config(model: nn.Module, ulysses: int) -> None:
-    """Refuse, with a clear message, a Ulysses degree the model's heads do not divide."""
+    """Refuse, with a clear message, a Ulysses degree the model's heads do not divide, or any
+    Ulysses degree > 1 for a model without a sequence-parallel split."""
+    if ulysses > 1 and not sequence_attention_slots(model):
+        raise ValueError(
+            f"parallel.ulysses={ulysses}: {type(model).__name__} has no sequence-parallel split (it declares "
+            "no `sequence_attention` core, e.g. joint text + image attention); use parallel.ulysses=1 "
+            "(CFG-parallel, parallel.cfg=2, works)")
     check_heads(num_heads(model), ulysses, "parallel.ulysses")
 
 
@@ -55,6 +61,11 @@ def apply_parallel(model: nn.Module, mesh: ParallelMesh, batched: bool = False,
     """
     if mesh.is_single:
         return CFGPredictor(model, batched, combine_fn)
+    check_parallel_config(model, mesh.config.ulysses)
+    if not sequence_attention_slots(model):
+        # CFG-parallel only (no sequence split): each cfg rank runs its branch whole, and with
+        # guidance off every rank runs the one branch (its own 1-rank "Ulysses" group).
+        return CFGParallelPredictor(model, mesh, UlyssesState(), mesh.ulysses, batched, combine_fn)
     heads = num_heads(model)
     check_heads(heads, mesh.config.ulysses, "parallel.ulysses")
     state = UlyssesState()

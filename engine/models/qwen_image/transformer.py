@@ -26,7 +26,8 @@ Meta-device builds: the model has no buffers (the rotary tables are computed in 
 Seams (engine.dit): `repeated_blocks` ("transformer_blocks"), `sequence_hooks` ("sequence",
 identity), `keep_in_fp32` (none), `quant_skip` (embedders, output head, norms). No
 `sequence_attention`: the joint attention mixes text tokens (held whole) with image tokens, which
-the shared Ulysses split does not handle, so sequence parallelism refuses this model.
+the shared Ulysses split does not handle, so a Ulysses degree > 1 is refused; CFG-parallel (the two
+guidance branches on two ranks) works.
 """
 from __future__ import annotations
 
@@ -397,7 +398,7 @@ class QwenImageTransformer(nn.Module):
     sequence_hooks: ClassVar[str] = "sequence"
     """engine.dit seam: the `SequenceHooks` around the blocks (identity; see the module docstring)."""
     sequence_attention: ClassVar[tuple[str, ...]] = ()
-    """engine.dit seam: none (joint text + image attention; sequence parallelism refuses the model)."""
+    """engine.dit seam: none (joint text + image attention: no Ulysses split; CFG-parallel works)."""
     keep_in_fp32: ClassVar[tuple[str, ...]] = ()
     """Nothing stays float32 in a 16-bit model (diffusers keeps none for Qwen-Image)."""
     quant_skip: ClassVar[tuple[str, ...]] = (
