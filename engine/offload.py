@@ -46,13 +46,16 @@ import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from engine.dit import blocks_of
 from engine.options import EngineOptions
+
+if TYPE_CHECKING:
+    from engine.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,14 @@ def check_offload(options: EngineOptions) -> None:
         raise ValueError(
             "offload='block' with compile=True is not supported: the per-block weight swap runs in "
             "forward hooks that torch.compile would trace; use compile=False, or offload='model'")
+
+
+def check_expert_offload(spec: "ModelSpec", options: EngineOptions) -> None:
+    """offload="expert" keeps the idle expert in CPU memory: refuse it for a one-DiT model (the
+    families' `load_dits` ask this before loading)."""
+    if options.offload == "expert" and len(spec.experts) < 2:
+        raise ValueError(f"offload='expert' keeps the idle expert of a multi-expert model in CPU memory; "
+                         f"{spec.name} has one DiT: use offload='model' or 'block'")
 
 
 def offload_applies(options: EngineOptions) -> bool:

@@ -28,6 +28,7 @@ from engine.loading import Checkpoint, Layout, read_json
 from engine.models.hunyuan_video15 import loader
 from engine.models.hunyuan_video15.adapter import HunyuanVideo15Adapter
 from engine.models.hunyuan_video15.specs import FAMILY, SPECS, VARIANTS, Arch, Variant, _defaults, _spec
+from engine.offload import check_expert_offload
 from engine.options import EngineOptions
 from engine.registry import ModelSpec, get_spec
 
@@ -181,9 +182,7 @@ class HunyuanVideo15Family:
         return HunyuanVideo15Adapter()
 
     def load_dits(self, ckpt: Checkpoint, options: EngineOptions) -> dict[str, torch.nn.Module]:
-        if options.offload == "expert":
-            raise ValueError(f"offload='expert' keeps the idle expert of a multi-expert model in CPU memory; "
-                             f"{ckpt.spec.name} has one DiT: use offload='model' or 'block'")
+        check_expert_offload(ckpt.spec, options)
         variant = self.variant(ckpt.spec)
         dit = loader.load_dit(ckpt, options, variant.official_dir, variant.target_size)
         if dit.config.use_meanflow != variant.arch.use_meanflow:

@@ -22,6 +22,7 @@ from engine.models.qwen_image.adapter import QwenImageAdapter
 from engine.models.qwen_image.specs import (
     FAMILY, PIPELINES, REAL_ARCH, SPECS, TINY_AREAS, TINY_ARCH, VARIANTS, QwenArch, QwenVariant,
 )
+from engine.offload import check_expert_offload
 from engine.options import EngineOptions
 from engine.registry import ModelSpec, get_spec
 
@@ -102,9 +103,7 @@ class QwenImageFamily:
         return QwenImageAdapter(self._variant(spec).reference_area)
 
     def load_dits(self, ckpt: Checkpoint, options: EngineOptions) -> dict[str, torch.nn.Module]:
-        if options.offload == "expert":
-            raise ValueError(f"offload='expert' keeps the idle expert of a multi-expert model in CPU memory; "
-                             f"{ckpt.spec.name} has one DiT: use offload='model' or 'block'")
+        check_expert_offload(ckpt.spec, options)
         return {ckpt.spec.experts[0].name: loader.load_dit(ckpt, options)}
 
     def load_vae(self, ckpt: Checkpoint, options: EngineOptions) -> torch.nn.Module:

@@ -25,6 +25,7 @@ from engine.models.wan.adapter import ConcatAdapter, FirstFrameAdapter
 from engine.models.wan.specs import (
     FAMILY, I2V_DEFAULTS, SPECS, T2V_DEFAULTS, TWO_EXPERTS, VARIANTS, WanArch, WanVariant,
 )
+from engine.offload import check_expert_offload
 from engine.options import EngineOptions
 from engine.registry import ModelSpec, get_spec
 
@@ -155,10 +156,8 @@ class WanFamily:
     def load_dits(self, ckpt: Checkpoint, options: EngineOptions) -> dict[str, torch.nn.Module]:
         """Every expert's DiT (`load_dit` each; FP8/INT8, kernels, compile and offload apply to
         every expert). offload="expert" is for models with several experts."""
+        check_expert_offload(ckpt.spec, options)
         experts = ckpt.spec.experts
-        if options.offload == "expert" and len(experts) < 2:
-            raise ValueError(f"offload='expert' keeps the idle expert of a multi-expert model in CPU "
-                             f"memory; {ckpt.spec.name} has one DiT: use offload='model' or 'block'")
         dirs = dit_dirs(ckpt.path, ckpt.layout, len(experts))
         return {expert.name: loader.load_dit(d, ckpt.layout, options) for expert, d in zip(experts, dirs)}
 
