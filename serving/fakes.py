@@ -213,15 +213,16 @@ class _LocalStream:
         asyncio.ensure_future(self._agen.aclose())
 
 
-class _LocalHandle:
+class LocalHandle:
     """`handle.method.remote(...)` / `handle.options(stream=True).method.remote(...)` on a
-    plain object whose methods are coroutines or async generators."""
+    plain object whose methods are coroutines or async generators (a deployment handle without
+    Ray, for tests that drive the ingress in process)."""
 
     def __init__(self, target: Any, stream: bool = False) -> None:
         self._target, self._stream = target, stream
 
-    def options(self, stream: bool = False, **_: Any) -> "_LocalHandle":
-        return _LocalHandle(self._target, stream)
+    def options(self, stream: bool = False, **_: Any) -> "LocalHandle":
+        return LocalHandle(self._target, stream)
 
     def __getattr__(self, name: str):
         method = getattr(self._target, name)
@@ -276,7 +277,7 @@ class LocalGraph:
         self._seen("decode", request)
         return self._decode(request, await latents.ref)
 
-    def handles(self) -> dict[str, _LocalHandle]:
+    def handles(self) -> dict[str, LocalHandle]:
         """The `text`, `image`, `dit`, `decoder` arguments of `serving.ingress.Ingress`."""
 
         class _Text:
@@ -285,8 +286,8 @@ class LocalGraph:
         class _Image:
             encode = self.encode_image
 
-        return {"text": _LocalHandle(_Text), "image": _LocalHandle(_Image), "dit": _LocalHandle(self),
-                "decoder": _LocalHandle(self)}
+        return {"text": LocalHandle(_Text), "image": LocalHandle(_Image), "dit": LocalHandle(self),
+                "decoder": LocalHandle(self)}
 
 
 def local_graph(step_s: float = 0.0, **engine_kwargs: Any) -> LocalGraph:

@@ -9,7 +9,10 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+from serving.fakes import LocalHandle
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRE_ENV = "LIGHTX2V_REQUIRE_UI_TESTS"
@@ -89,55 +92,6 @@ def write_tiny_lora(path: Path) -> None:
 # ----------------------------------------------------------------------------- the stages in process
 
 
-class _Response:
-    """Stands in for a DeploymentResponse: awaitable, cancellable."""
-
-    def __init__(self, coro) -> None:
-        self._task = asyncio.ensure_future(coro)
-
-    def __await__(self):
-        return self._task.__await__()
-
-    def cancel(self) -> None:
-        self._task.cancel()
-
-
-class _Stream:
-    """Stands in for a streaming DeploymentResponseGenerator."""
-
-    def __init__(self, agen: AsyncIterator) -> None:
-        self._agen = agen
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self._agen.__anext__()
-
-    def cancel(self) -> None:
-        asyncio.ensure_future(self._agen.aclose())
-
-
-class _Handle:
-    """`handle.method.remote(...)` and `handle.options(stream=True).method.remote(...)`."""
-
-    def __init__(self, methods: dict[str, Any], stream: bool = False) -> None:
-        self._methods, self._stream = methods, stream
-
-    def options(self, stream: bool = False, **_: Any) -> "_Handle":
-        return _Handle(self._methods, stream)
-
-    def __getattr__(self, name: str):
-        method, stream = self._methods[name], self._stream
-
-        class _Method:
-            @staticmethod
-            def remote(*args: Any, **kwargs: Any):
-                return _Stream(method(*args, **kwargs)) if stream else _Response(method(*args, **kwargs))
-
-        return _Method
-
-
 class StagesGraph:
     """The ingress's four deployment handles on a LocalPipeline's real stages (threads, no Ray),
     with the DiT's progress events and cancellation as serving/deployments.py's DiTGroup has them."""
@@ -183,10 +137,11 @@ class StagesGraph:
     async def decode(self, request, latents):
         return await asyncio.to_thread(self.pipeline.decode, request, await latents.ref)
 
-    def handles(self) -> dict[str, _Handle]:
+    def handles(self) -> dict[str, LocalHandle]:
         """The `text`, `image`, `dit`, `decoder` arguments of serving.ingress.Ingress."""
-        return {"text": _Handle({"encode": self.encode_text}), "image": _Handle({"encode": self.encode_image}),
-                "dit": _Handle({"denoise": self.denoise}), "decoder": _Handle({"decode": self.decode})}
+        return {"text": LocalHandle(SimpleNamespace(encode=self.encode_text)),
+                "image": LocalHandle(SimpleNamespace(encode=self.encode_image)),
+                "dit": LocalHandle(self), "decoder": LocalHandle(self)}
 
 
 def start_service(pipeline, model: str, data_dir: str, api_keys: list[str]) -> ServerThread:
