@@ -177,11 +177,16 @@ def skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in patterns)
 
 
+def in_fp32_modules(param_name: str, keep_in_fp32: tuple[str, ...]) -> bool:
+    """Whether a dotted parameter (or state-dict key) name lies in a module kept float32: one of its
+    components is in `keep_in_fp32` (diffusers' rule)."""
+    return any(part in keep_in_fp32 for part in param_name.split("."))
+
+
 def keeps_fp32(model: nn.Module | type, param_name: str) -> bool:
-    """Whether a parameter stays float32 in a 16-bit model: a component of its dotted name is in
-    the class's `keep_in_fp32` (diffusers' rule)."""
-    keep = _declared(model, "keep_in_fp32")
-    return any(part in keep for part in param_name.split("."))
+    """Whether a parameter stays float32 in a 16-bit model (`in_fp32_modules` with the class's
+    `keep_in_fp32`)."""
+    return in_fp32_modules(param_name, _declared(model, "keep_in_fp32"))
 
 
 def fusions_of(model: nn.Module | type) -> Fusions:

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Literal, TypeVar
 import torch
 from torch import nn
 
+from engine.dit import in_fp32_modules
 from engine.quant.checkpoint import QUANTIZED_SUFFIXES
 from engine.registry import ModelSpec
 
@@ -197,12 +198,6 @@ def match_prefix(prefix: str) -> Callable[[nn.Module, "Weights"], "Weights"]:
     return fit
 
 
-def keeps_fp32(key: str, keep_in_fp32: tuple[str, ...]) -> bool:
-    """Whether a state-dict key lies in a module kept in float32 (a name part matches, as diffusers)."""
-    parts = key.split(".")
-    return any(name in parts for name in keep_in_fp32)
-
-
 def cast_tensor(key: str, value: "torch.Tensor | LazyTensor", dtype: torch.dtype,
                 keep_in_fp32: tuple[str, ...]) -> torch.Tensor:
     """Floating tensors to `dtype` (float32 for the keep-in-fp32 modules); others unchanged, and
@@ -211,7 +206,7 @@ def cast_tensor(key: str, value: "torch.Tensor | LazyTensor", dtype: torch.dtype
         value = value.load()
     if not value.is_floating_point() or key.endswith(QUANTIZED_SUFFIXES):
         return value
-    return value.to(torch.float32 if keeps_fp32(key, keep_in_fp32) else dtype)
+    return value.to(torch.float32 if in_fp32_modules(key, keep_in_fp32) else dtype)
 
 
 def build_module(
@@ -248,7 +243,7 @@ def build_module(
         if id(value) not in repeated:
             ready[key] = cast_tensor(key, value, dtype, keep_in_fp32).to(device)
             continue
-        slot = (id(value), keeps_fp32(key, keep_in_fp32))
+        slot = (id(value), in_fp32_modules(key, keep_in_fp32))
         if slot not in shared:  # `shared` keeps the source alive, so its id is not reused
             shared[slot] = (value, cast_tensor(key, value, dtype, keep_in_fp32).to(device))
         ready[key] = shared[slot][1]
